@@ -1,0 +1,149 @@
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTHON_BOOTSTRAP ?= python3.11
+TORCH_VERSION := 2.13.0
+PORT ?= 8000
+SCALE ?= 1
+export COURIER_REDIS ?= 127.0.0.1:6379
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+##@ Set-up
+
+.PHONY: help
+help: ## Show this help (the default goal)
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m [VAR=value]\n"} \
+	  /^[a-zA-Z0-9_-]+:.*?## / { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# CPU PyTorch first, so nothing pulls a CUDA build (see README: set-up elsewhere).
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@touch $@
+
+.PHONY: setup
+setup: $(STAMP) ## Create .venv and install the pinned dependencies
+
+.PHONY: services
+services: ## Make sure Redis is running on 127.0.0.1:6379 (starts it when installed)
+	@bash scripts/ensure-redis.sh
+
+##@ Main
+
+.PHONY: demo
+demo: setup ## Everything end to end: data, features, train, serve, sample requests, short load
+	$(PY) -m serving.demo --port $(PORT)
+
+.PHONY: test
+test: setup ## Run the test suite (unit, parity, consistency, Ray Serve integration, chart checks)
+	$(PY) -m pytest
+
+##@ Data, features and models
+
+.PHONY: data
+data: setup ## Simulate the city into data/offline (SCALE=4 for a bigger one)
+	$(PY) -m models.simulator --out data/offline --scale $(SCALE)
+
+.PHONY: features
+features: setup ## feast apply, then materialize the online store up to the simulation's end
+	$(PY) -m feature_repo.store apply
+	$(PY) -m feature_repo.store materialize
+
+.PHONY: train
+train: setup ## Train, evaluate (reports/eta) and export the ETA model to ONNX (artifacts/eta)
+	$(PY) -m models.eta.train
+
+##@ Serving
+
+.PHONY: serve
+serve: setup ## Run the Ray Serve app in the foreground on PORT (Ctrl-C stops it)
+	$(PY) -m serving.launch --port $(PORT)
+
+##@ Kubernetes
+# The chart, images and local-cluster path (docs/kubernetes.md). K8S=kind|minikube picks the
+# local cluster; RELEASE, NAMESPACE, CLUSTER and IMAGE_TAG can be overridden like any variable.
+
+K8S ?= kind
+export K8S
+export CLUSTER ?= courier
+export RELEASE ?= courier
+export NAMESPACE ?= courier
+CHART_DIR := charts/courier
+CRDS_DIR := .tools/crds
+KUBERAY_CRD_COMMIT := feeaf72facab4881ba2b179248bb67315634e229
+KSERVE_CRD_COMMIT := aaac4e294dae2c7b1aa1886447793f3aa1c30912
+
+.PHONY: tools
+tools: ## Put the pinned helm (v4) and kubectl into .tools/bin when they are not on PATH
+	@bash scripts/tools.sh all
+
+.PHONY: checkov
+checkov: ## Install checkov into its own venv (.tools/checkov); the chart tests run it
+	@bash scripts/tools.sh checkov
+
+.PHONY: chart-lint
+chart-lint: ## helm lint --strict and helm template of the chart with its defaults
+	@helm=$$(bash scripts/tools.sh helm) && $$helm lint --strict $(CHART_DIR) && \
+	  $$helm template $(RELEASE) $(CHART_DIR) --namespace $(NAMESPACE) >/dev/null && echo "chart renders"
+
+.PHONY: chart-test
+chart-test: setup ## Offline chart checks: lint, every toggle, schemas, CRDs, serve config, security scan
+	$(PY) -m pytest tests/test_chart.py -q
+
+.PHONY: crds
+crds: ## Fetch the pinned upstream CRDs into .tools/crds (needs network); then COURIER_CRDS_DIR=.tools/crds
+	@mkdir -p $(CRDS_DIR)
+	curl -fsSL -o $(CRDS_DIR)/ray.io_rayservices.yaml https://raw.githubusercontent.com/ray-project/kuberay/$(KUBERAY_CRD_COMMIT)/ray-operator/config/crd/bases/ray.io_rayservices.yaml
+	curl -fsSL -o $(CRDS_DIR)/ray.io_rayclusters.yaml https://raw.githubusercontent.com/ray-project/kuberay/$(KUBERAY_CRD_COMMIT)/ray-operator/config/crd/bases/ray.io_rayclusters.yaml
+	curl -fsSL -o $(CRDS_DIR)/serving.kserve.io_inferenceservices.yaml https://raw.githubusercontent.com/kserve/kserve/$(KSERVE_CRD_COMMIT)/config/crd/full/serving.kserve.io_inferenceservices.yaml
+	curl -fsSL -o $(CRDS_DIR)/serving.kserve.io_servingruntimes.yaml https://raw.githubusercontent.com/kserve/kserve/$(KSERVE_CRD_COMMIT)/config/crd/full/serving.kserve.io_servingruntimes.yaml
+	@echo "run the chart tests with: COURIER_CRDS_DIR=$(CRDS_DIR) make chart-test"
+
+.PHONY: images
+images: ## Build the serving and jobs images and load them into the kind (or K8S=minikube) cluster
+	@bash scripts/k8s-images.sh
+
+.PHONY: kind-up
+kind-up: ## Create the kind cluster (KIND_WORKERS=2 for a multi-node one)
+	@K8S=kind bash scripts/k8s-cluster.sh up
+
+.PHONY: kind-down
+kind-down: ## Delete the kind cluster and everything in it
+	@K8S=kind bash scripts/k8s-cluster.sh down
+
+.PHONY: minikube-up
+minikube-up: ## Start a minikube profile with Calico (NetworkPolicies enforced); then use K8S=minikube
+	@K8S=minikube bash scripts/k8s-cluster.sh up
+
+.PHONY: minikube-down
+minikube-down: ## Delete the minikube profile
+	@K8S=minikube bash scripts/k8s-cluster.sh down
+
+.PHONY: operators
+operators: ## Install the KubeRay operator (KSERVE=1 adds cert-manager and KServe), pinned versions
+	@bash scripts/k8s-operators.sh
+
+.PHONY: deploy
+deploy: ## helm upgrade --install the release, wait until it serves, then helm test (HELM_ARGS=...)
+	@bash scripts/k8s-deploy.sh
+
+.PHONY: k8s-loadtest
+k8s-loadtest: ## Run Locust in the cluster and wait for its verdict (LOADTEST_ARGS="--set loadtest.users=200")
+	@bash scripts/k8s-run.sh loadtest
+
+.PHONY: k8s-chaos
+k8s-chaos: ## Run the chaos drill in the cluster under Locust load and wait for both verdicts
+	@bash scripts/k8s-run.sh chaos
+
+.PHONY: undeploy
+undeploy: ## helm uninstall the release (the data volume goes too unless storage.keepOnUninstall)
+	@helm=$$(bash scripts/tools.sh helm) && $$helm uninstall $(RELEASE) --namespace $(NAMESPACE)

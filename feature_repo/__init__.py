@@ -1,0 +1,1 @@
+"""Courier's Feast feature repository (definitions in `definitions.py`)."""

@@ -1,0 +1,83 @@
+"""`make demo`: the whole path on one machine, narrated, then everything stopped.
+
+simulate -> feast apply + materialize -> train, evaluate, export -> Ray Serve ->
+sample requests -> a short open-loop load -> stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pandas as pd
+
+from serving.launch import BackgroundServer
+from serving.paths import PROJECT_ROOT
+
+PY = sys.executable
+
+
+def banner(step: int, total: int, text: str) -> None:
+    """One visible line per step, so a newcomer sees where the time goes."""
+    print(f"\n=== [{step}/{total}] {text} ===", flush=True)
+
+
+def run(*args: str) -> None:
+    """Run a step as its own process, streaming its output; stop the demo if it fails."""
+    subprocess.run([PY, *args], cwd=PROJECT_ROOT, check=True)
+
+
+def sample_requests(base: str) -> None:
+    """A few real requests, printed: a normal one, one at rush hour, and two bad ones."""
+    restaurants = pd.read_parquet(PROJECT_ROOT / "data/offline/restaurants.parquet")
+    orders = pd.read_parquet(PROJECT_ROOT / "data/offline/orders.parquet").tail(3)
+    requests = [
+        {"restaurant_id": int(o.restaurant_id), "delivery_lat": float(o.delivery_lat), "delivery_lon": float(o.delivery_lon)}
+        for o in orders.itertuples()
+    ]
+    requests.append({**requests[0], "order_time": "2026-11-25T18:00:00Z"})
+    requests.append({**requests[0], "delivery_lat": 95.0})
+    requests.append({**requests[0], "restaurant_id": int(restaurants.restaurant_id.max()) + 1000})
+    with httpx.Client(timeout=10) as client:
+        for body in requests:
+            response = client.post(f"{base}/v1/eta", json=body)
+            print(f"POST /v1/eta {json.dumps(body)}\n  -> {response.status_code} {response.text}")
+        ready = client.get(f"{base}/v2/health/ready")
+        print(f"GET /v2/health/ready -> {ready.status_code} {ready.text}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point (`make demo`)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8080)
+    parser.add_argument("--load-seconds", type=int, default=30)
+    args = parser.parse_args(argv)
+    base = f"http://127.0.0.1:{args.port}"
+    total = 6
+    started = time.monotonic()
+
+    banner(1, total, "simulating the city (restaurants, users, couriers, orders)")
+    run("-m", "models.simulator", "--out", "data/offline")
+    banner(2, total, "feast apply, then materialize the online store (SQLite)")
+    run("-m", "feature_repo.store", "apply")
+    run("-m", "feature_repo.store", "materialize")
+    banner(3, total, "training, evaluating and exporting the ETA model")
+    run("-m", "models.eta.train")
+    print((PROJECT_ROOT / "reports/eta/metrics.json").read_text())
+    banner(4, total, f"starting Ray Serve on {base} (log: .run/serve.log)")
+    with BackgroundServer(args.port, args.metrics_port, PROJECT_ROOT / ".run/serve.log"):
+        banner(5, total, "sample requests")
+        sample_requests(base)
+        banner(6, total, f"open-loop load for {args.load_seconds} s")
+        run("-m", "loadtest.demo_load", "--host", base, "--seconds", str(args.load_seconds))
+        print("\nstopping Ray Serve ...")
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; reports in reports/, model in artifacts/eta/current")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The ETA deployment: Feast online read + ONNX Runtime, one request at a time.
+
+Heavy state is built in `__init__`; the ingress calls `predict` for `/v1/eta` and
+`infer` / `metadata` for the Open Inference Protocol endpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from ray import serve
+
+from feature_repo.store import open_store
+from models import geo
+from models.eta.features import build_inputs
+from serving.errors import InvalidInput, NotFound
+from serving.features import OnlineFeatures, StoreUnavailable
+from serving.metrics import ServingMetrics
+from serving.onnx_model import OnnxModel
+from serving.paths import resolve
+from serving.schemas import EtaRequest
+
+logger = logging.getLogger("ray.serve")
+RESTAURANT_DIRECTORY = "restaurants.parquet"
+
+
+@serve.deployment(name="EtaModel")
+class EtaModel:
+    """Answers "how long until my food arrives?" for one order."""
+
+    def __init__(self, model_dir: str, online_store: str = "sqlite", data_dir: str | None = None,
+                 redis: str | None = None, feast_project: str | None = None, feature_timeout_ms: float = 100):
+        self.model = OnnxModel(resolve(model_dir))
+        manifest = self.model.manifest
+        store = open_store(online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis,
+                           project=feast_project)
+        # Refuses (ArtifactError) a model whose feature service this store does not serve.
+        self.features = OnlineFeatures(store, manifest.feature_service, deadline_s=feature_timeout_ms / 1000)
+        self.defaults = manifest.feature_defaults
+        self.directory = _restaurant_directory(self.model.directory / RESTAURANT_DIRECTORY)
+        self.metrics = ServingMetrics()
+        logger.info("EtaModel %s serving with feature service %s (%s online store)",
+                    manifest.version, manifest.feature_service, online_store)
+
+    def predict(self, request: EtaRequest) -> dict[str, Any]:
+        """ETA for one validated request; falls back to the artifact's directory if the store is down."""
+        area = geo.area_id(request.delivery_lat, request.delivery_lon)
+        entity = {"restaurant_id": request.restaurant_id, "area_id": area}
+        fallback = None
+        try:
+            with self.metrics.stage("eta", "feature_read"):
+                read = self.features.read(entity)
+            values, ages, expired = read.values, read.age_seconds, read.expired
+            if values.get("lat") is None:
+                raise NotFound(f"restaurant_id: {request.restaurant_id} is not a known restaurant",
+                               field="restaurant_id", rule="must be a restaurant on the marketplace")
+        except StoreUnavailable as exc:
+            fallback = f"online store unavailable ({exc}); used the model's restaurant directory and typical live features"
+            self.metrics.fallbacks.inc(tags={"endpoint": "eta", "reason": "online_store_unavailable"})
+            values, ages, expired = self._directory_features(request.restaurant_id), {}, []
+        columns = {name: [value] for name, value in values.items()}
+        columns.update(delivery_lat=[request.delivery_lat], delivery_lon=[request.delivery_lon],
+                       order_time=[request.order_time_utc().timestamp()], area_id=[area])
+        with self.metrics.stage("eta", "inference"):
+            eta = float(self.model.run(build_inputs(columns, self.defaults))["eta_minutes"].reshape(-1)[0])
+        return {
+            "eta_minutes": round(eta, 2),
+            "model_version": self.model.version,
+            "feature_service": self.model.manifest.feature_service,
+            "feature_age_seconds": {view: None if age is None else round(age, 1) for view, age in ages.items()},
+            "expired_features": expired,
+            "degraded": fallback is not None,
+            "fallback": fallback,
+        }
+
+    def _directory_features(self, restaurant_id: int) -> dict[str, Any]:
+        """Static features from the artifact when the store is down; live ones take their defaults."""
+        location = self.directory.get(restaurant_id)
+        if location is None:
+            raise NotFound(f"restaurant_id: {restaurant_id} is not a known restaurant (online store unavailable; "
+                           "checked the model's restaurant directory)", field="restaurant_id",
+                           rule="must be a restaurant on the marketplace")
+        return {"lat": location[0], "lon": location[1]}
+
+    def infer(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw model inference for the Open Inference Protocol; inputs are already validated."""
+        try:
+            with self.metrics.stage("v2_infer", "inference"):
+                return self.model.run(tensors)
+        except Exception as exc:  # ONNX Runtime rejects what the validator could not foresee: the input's fault
+            raise InvalidInput(f"inputs: the model refused these tensors: {exc}", field="inputs",
+                               rule="must be valid input for the model") from exc
+
+    def metadata(self) -> dict[str, Any]:
+        """Open Inference Protocol model metadata."""
+        return self.model.metadata()
+
+    def input_specs(self) -> list[dict[str, Any]]:
+        """Input names, datatypes, shapes and value ranges, for the ingress's validator."""
+        return self.model.input_specs()
+
+    def check_health(self) -> None:
+        """Ray Serve restarts the replica if this raises: the session must still answer."""
+        zeros = {spec["name"]: np.zeros([1 if d == -1 else d for d in spec["shape"]], dtype=_numpy_type(spec))
+                 for spec in self.model.input_specs()}
+        self.model.run(zeros)
+
+
+def _numpy_type(spec: dict[str, Any]) -> type:
+    return np.int64 if spec["datatype"] == "INT64" else np.float32
+
+
+def _restaurant_directory(path: Path) -> dict[int, tuple[float, float]]:
+    """restaurant_id -> (lat, lon) at training time; empty if the artifact has no directory."""
+    if not path.exists():
+        return {}
+    table = pd.read_parquet(path, columns=["restaurant_id", "lat", "lon"])
+    return {int(r): (float(a), float(b)) for r, a, b in table.itertuples(index=False)}

@@ -1,0 +1,97 @@
+"""Online feature reads for serving: one Feast call per request, with TTLs enforced.
+
+Feast's online store returns the last materialized value however old it is; the
+point-in-time join that built the training set would have returned nothing past a
+view's TTL. `read` applies the same rule, so serving sees what training saw.
+
+A store that does not answer within the deadline counts as down (Redis clients retry
+with backoff for seconds, far past a 100 ms budget), and after a failure the store is
+left alone for a short cool-down instead of being hammered on every request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from feast import FeatureStore
+
+from models.artifact import ArtifactError
+
+
+class StoreUnavailable(RuntimeError):
+    """The online store could not be read (connection refused, missing tables, timeouts...)."""
+
+
+@dataclass
+class FeatureRead:
+    """The values of one entity row, how old each view's data is, and which were too old."""
+
+    values: dict[str, Any]
+    age_seconds: dict[str, float | None]  # per feature view; None when the view had no row
+    expired: list[str] = field(default_factory=list)  # views past their TTL (values set to None)
+
+
+class OnlineFeatures:
+    """Reads one feature service for one entity row at a time."""
+
+    def __init__(self, store: FeatureStore, service_name: str, deadline_s: float = 0.1, cooldown_s: float = 1.0):
+        try:
+            self.service = store.get_feature_service(service_name)
+        except Exception as exc:  # Feast raises its own not-found types, or registry errors
+            raise ArtifactError(
+                f"the model was trained with feature service {service_name!r}, which the feature store at "
+                f"{store.config.registry.path} does not serve ({exc.__class__.__name__}); run `make features` "
+                "or deploy a model trained on a served feature service") from exc
+        self.store = store
+        self.deadline_s, self.cooldown_s = deadline_s, cooldown_s
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="feast-read")
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        views = {view.name: view for view in store.list_feature_views()}
+        self.ttl_seconds: dict[str, float] = {}
+        self.view_of: dict[str, str] = {}
+        for projection in self.service.feature_view_projections:
+            ttl = views[projection.name].ttl
+            self.ttl_seconds[projection.name] = ttl.total_seconds() if ttl else float("inf")
+            for feature in projection.features:
+                self.view_of[feature.name] = projection.name
+
+    def read(self, entity: dict[str, Any], now: float | None = None) -> FeatureRead:
+        """Read one entity row; values past their view's TTL come back as None and are listed."""
+        raw = self._fetch(entity)
+        now = time.time() if now is None else now
+        values: dict[str, Any] = {}
+        age: dict[str, float | None] = {}
+        for name, view in self.view_of.items():
+            value, stamp = raw[name][0], raw[f"{name}__ts"][0]
+            age[view] = None if value is None or not stamp else max(0.0, now - stamp)
+            values[name] = value
+        expired = sorted(view for view, seconds in age.items() if seconds is not None and seconds > self.ttl_seconds[view])
+        for name, view in self.view_of.items():
+            if view in expired:
+                values[name] = None
+        return FeatureRead(values=values, age_seconds=age, expired=expired)
+
+    def _fetch(self, entity: dict[str, Any]) -> dict[str, list]:
+        """The Feast call, bounded by the deadline; raises StoreUnavailable while the store is down."""
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable(f"store failed less than {self.cooldown_s:g} s ago; not retried yet")
+        future = self._pool.submit(lambda: self.store.get_online_features(
+            features=self.service, entity_rows=[entity]).to_dict(include_event_timestamps=True))
+        try:
+            return future.result(timeout=self.deadline_s)
+        except FutureTimeout:
+            self._mark_down()
+            raise StoreUnavailable(f"no answer within {self.deadline_s * 1000:.0f} ms") from None
+        except Exception as exc:  # any backend failure means the same thing to the caller
+            self._mark_down()
+            raise StoreUnavailable(f"{exc.__class__.__name__}: {exc}") from exc
+
+    def _mark_down(self) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + self.cooldown_s

@@ -1,0 +1,164 @@
+"""The HTTP ingress: routing, body limits, validation and the Open Inference Protocol v2.
+
+A plain Starlette request handler rather than FastAPI: the routes are few and fixed,
+and every request pays for a framework's routing and serialization layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serving.errors import CourierError, MethodNotAllowed, NotFound, PayloadTooLarge
+from serving.metrics import ServingMetrics
+from serving.schemas import parse_eta_request, parse_v2_request
+
+logger = logging.getLogger("ray.serve")
+ROUTES = {
+    "/v1/eta": "POST",
+    "/v2/health/live": "GET",
+    "/v2/health/ready": "GET",
+    "/v2": "GET",
+    "/": "GET",
+}
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    """orjson-encoded response; numpy arrays are serialized natively."""
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json")
+
+
+@serve.deployment(name="Ingress")
+class Ingress:
+    """Routes requests to the model deployments; owns every 4xx decision."""
+
+    def __init__(self, models: dict[str, DeploymentHandle], max_body_bytes: int = 65536):
+        self.models = models
+        self.max_body_bytes = max_body_bytes
+        self.specs: dict[str, list[dict[str, Any]]] = {}  # input specs, fetched once per model
+        self.metadata: dict[str, dict[str, Any]] = {}
+        self.metrics = ServingMetrics()
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        endpoint = path.split("/")[2] if path.startswith("/v2/models/") else path
+        try:
+            return await self._route(request, path)
+        except CourierError as exc:
+            self.metrics.rejected.inc(tags={"endpoint": endpoint, "status": str(exc.status)})
+            return json_response(exc.body(), exc.status)
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            self.metrics.rejected.inc(tags={"endpoint": endpoint, "status": "503"})
+            return json_response({"error": f"overloaded or restarting, retry with backoff: {exc.__class__.__name__}"},
+                                 503)
+
+    async def _route(self, request: Request, path: str) -> Response:
+        method = request.method
+        if path.startswith("/v2/models/"):
+            return await self._v2_model_route(request, path)
+        if path not in ROUTES:
+            raise NotFound(f"no route {path}; see GET / for the endpoints")
+        if method != ROUTES[path]:
+            raise MethodNotAllowed(f"{path} takes {ROUTES[path]}, not {method}")
+        if path == "/v1/eta":
+            return await self._eta(request)
+        if path == "/v2/health/live":
+            return json_response({"live": True})
+        if path == "/v2/health/ready":
+            ready = await self._all_ready()
+            return json_response({"ready": ready}, 200 if ready else 503)
+        if path == "/v2":
+            return json_response({"name": "courier", "version": "0.1.0", "extensions": []})
+        return json_response({"service": "courier", "endpoints": [
+            "POST /v1/eta", "GET /v2/health/live", "GET /v2/health/ready",
+            *[f"GET /v2/models/{m}" for m in self.models], *[f"POST /v2/models/{m}/infer" for m in self.models]]})
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {self.max_body_bytes} bytes",
+                                  field="body", rule=f"at most {self.max_body_bytes} bytes")
+        body = await request.body()
+        if len(body) > self.max_body_bytes:
+            raise PayloadTooLarge(f"body of {len(body)} bytes is over the limit of {self.max_body_bytes} bytes",
+                                  field="body", rule=f"at most {self.max_body_bytes} bytes")
+        return body
+
+    async def _eta(self, request: Request) -> Response:
+        timings: dict[str, float] = {}
+        with self.metrics.stage("eta", "total", timings):
+            with self.metrics.stage("eta", "parse", timings):
+                eta_request = parse_eta_request(await self._body(request))
+            answer = await self.models["eta"].predict.remote(eta_request)
+        return json_response(answer)
+
+    async def _v2_model_route(self, request: Request, path: str) -> Response:
+        parts = path.split("/")  # ["", "v2", "models", name, (action)]
+        name = parts[3]
+        action = "/".join(parts[4:])
+        if name not in self.models:
+            raise NotFound(f"model {name!r} is not served here; models: {sorted(self.models)}", field="model_name")
+        if action == "" and request.method == "GET":
+            return json_response(await self._metadata(name))
+        if action == "ready" and request.method == "GET":
+            ready = await self._ready(name)
+            return json_response({"name": name, "ready": ready}, 200 if ready else 503)
+        if action == "infer" and request.method == "POST":
+            return await self._infer(request, name)
+        if action in ("", "ready", "infer"):
+            raise MethodNotAllowed(f"{path} does not take {request.method}")
+        raise NotFound(f"no route {path}; see GET / for the endpoints")
+
+    async def _infer(self, request: Request, name: str) -> Response:
+        with self.metrics.stage("v2_infer", "total"):
+            specs = await self._specs(name)
+            request_id, tensors = parse_v2_request(await self._body(request), specs)
+            outputs = await self.models[name].infer.remote(tensors)
+        metadata = await self._metadata(name)
+        body = {
+            "model_name": name,
+            "model_version": metadata["versions"][0],
+            "outputs": [{"name": key, "datatype": _datatype(array), "shape": list(array.shape),
+                         "data": array.reshape(-1)} for key, array in outputs.items()],
+        }
+        if request_id is not None:
+            body["id"] = request_id
+        return json_response(body)
+
+    async def _metadata(self, name: str) -> dict[str, Any]:
+        if name not in self.metadata:
+            self.metadata[name] = await self.models[name].metadata.remote()
+        return self.metadata[name]
+
+    async def _specs(self, name: str) -> list[dict[str, Any]]:
+        if name not in self.specs:
+            self.specs[name] = await self.models[name].input_specs.remote()
+        return self.specs[name]
+
+    async def _ready(self, name: str) -> bool:
+        try:
+            await self._metadata(name)
+            return True
+        except Exception:  # not ready is an answer here, not an error
+            logger.warning("model %s is not ready", name, exc_info=True)
+            return False
+
+    async def _all_ready(self) -> bool:
+        for name in self.models:
+            if not await self._ready(name):
+                return False
+        return True
+
+
+def _datatype(array: Any) -> str:
+    kind = str(array.dtype)
+    return {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32"}.get(kind, kind.upper())
+

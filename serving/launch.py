@@ -1,0 +1,161 @@
+"""Run the serve config on this machine: Ray started in-process, stopped on Ctrl-C.
+
+    python -m serving.launch [--port 8000] [--metrics-port 8080] [--set online_store=redis]
+
+It does what `serve run serving/serve_config.yaml` does, plus the overrides and a fixed
+Prometheus port, and it stops every Ray process it started when it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serving.config import SERVE_CONFIG, load_serve_config, validate, with_overrides
+from serving.paths import PROJECT_ROOT
+
+READY_LINE = "COURIER READY"
+
+
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs for the application args; values are YAML (numbers, null, true...)."""
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes key=value, got {pair!r}")
+        args[key] = yaml.safe_load(value)
+    return args
+
+
+def wait_until_running(app_names: list[str], timeout_s: float) -> None:
+    """Block until every application is RUNNING; fail with the controller's message otherwise."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {name: apps[name].status if name in apps else "NOT_STARTED" for name in app_names}
+        failed = {n: apps[n].message for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed:
+            raise RuntimeError(f"deployment failed: {failed}")
+        if all(state == "RUNNING" for state in states.values()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"applications not RUNNING after {timeout_s:.0f} s: {states}")
+
+
+def run(config: dict[str, Any], metrics_port: int, num_cpus: int | None, timeout_s: float) -> None:
+    """Start Ray and Serve, deploy the config, print READY, and serve until a signal arrives."""
+    import ray
+    from ray import serve
+    from ray.serve._private import api as serve_api  # the same calls `serve run` makes
+
+    schema = validate(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(namespace="serve", include_dashboard=False, num_cpus=num_cpus, _metrics_export_port=metrics_port,
+             log_to_driver=True)
+    try:
+        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                       proxy_location=schema.proxy_location)
+        client.deploy_apps(schema, _blocking=False)
+        wait_until_running([app.name for app in schema.applications], timeout_s)
+        http = schema.http_options
+        print(f"{READY_LINE} http://{http.host}:{http.port} metrics http://127.0.0.1:{metrics_port}/metrics",
+              flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("stopping Ray Serve ...", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+class BackgroundServer:
+    """`python -m serving.launch` in the background, stopped (with its Ray) on exit.
+
+    Used by `make demo`, the integration tests and the load tests: a context manager that
+    returns once the app is RUNNING and stops Serve and Ray on exit.
+    """
+
+    def __init__(self, port: int, metrics_port: int, log: Path, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None, timeout_s: float = 240):
+        self.port, self.metrics_port, self.log_path = port, metrics_port, log
+        self.extra, self.env, self.timeout_s = extra or [], env, timeout_s
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "BackgroundServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serving.launch", "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port), *self.extra],
+            cwd=PROJECT_ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(self.env or {})})
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.close()
+                raise RuntimeError(f"serving exited with {self.process.returncode}:\n{self.output()[-3000:]}")
+            if READY_LINE in self.output():
+                return self
+            time.sleep(0.5)
+        self.__exit__()
+        raise TimeoutError(f"serving not ready after {self.timeout_s:.0f} s:\n{self.output()[-3000:]}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # the launcher shuts Serve and Ray down cleanly
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)  # only the group we started
+                self.process.wait()
+        self.log.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point (`make serve`)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=SERVE_CONFIG, help="serve config YAML")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
+    parser.add_argument("--metrics-port", type=int, default=8080, help="Prometheus port of Ray's metrics agent")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an app arg")
+    parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for the app to be RUNNING")
+    parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    args = parser.parse_args(argv)
+    config = with_overrides(load_serve_config(args.config), port=args.port, args=parse_sets(args.set))
+    if args.print_config:
+        print(yaml.safe_dump(config, sort_keys=False))
+        return
+    try:
+        run(config, args.metrics_port, args.num_cpus, args.timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"serving failed to start: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

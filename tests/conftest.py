@@ -1,0 +1,80 @@
+"""Shared fixtures: one small simulated city and its Feast store, built once per test session."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from feature_repo.store import apply, materialize, open_store
+from models.simulator import SimulationConfig, simulate
+
+# A fixed end keeps the small city identical from run to run (the simulator is deterministic).
+CITY_END = "2026-11-20T12:00:00"
+SMALL_CITY = SimulationConfig(seed=11, days=8, scale=0.3, end=CITY_END)
+
+
+@pytest.fixture(scope="session")
+def city_dir(tmp_path_factory) -> Path:
+    """A data dir with the small city's offline store in offline/ (parquet)."""
+    data_dir = tmp_path_factory.mktemp("city")
+    simulate(SMALL_CITY, data_dir / "offline")
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def city_summary(city_dir) -> dict:
+    """The simulator's summary (window, row counts)."""
+    return json.loads((city_dir / "offline" / "simulation.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def feature_store(city_dir, city_summary):
+    """The small city's Feast store: registry and SQLite online store in the tmp data dir, materialized."""
+    store = open_store("sqlite", data_dir=city_dir)
+    apply(store, data_dir=city_dir)
+    materialize(store, datetime.fromisoformat(city_summary["end"]))
+    return store
+
+
+@pytest.fixture(scope="session")
+def eta_trained(tmp_path_factory, city_dir, feature_store):
+    """A small ETA model trained for a few epochs on the small city through its Feast store."""
+    from models.eta.train import TrainConfig, run
+
+    root = tmp_path_factory.mktemp("artifacts")
+    result = run(city_dir, root, root / "reports", TrainConfig(epochs=6, test_days=2, validation_days=1),
+                 store=feature_store)
+    result.frames["data_dir"] = city_dir
+    result.frames["reports"] = root / "reports"
+    result.frames["root"] = root
+    return result
+
+
+@pytest.fixture(scope="session")
+def eta_artifacts(eta_trained) -> Path:
+    """The artifact root of the small model (with eta/current)."""
+    return eta_trained.frames["root"]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, city_dir, feature_store, eta_artifacts):
+    """The real Ray Serve app (serving.launch with the project's serve config) on free ports."""
+    from serving.launch import BackgroundServer
+
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    overrides = ["--set", f"model_dir={eta_artifacts / 'eta' / 'current'}", "--set", f"data_dir={city_dir}",
+                 "--num-cpus", "2"]
+    with BackgroundServer(free_port(), free_port(), log, extra=overrides) as server:
+        yield server

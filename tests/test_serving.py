@@ -1,0 +1,326 @@
+"""Integration tests against the real Ray Serve app started from the project's serve config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.artifact import load_manifest
+from models.eta.features import build_inputs
+from models.geo import CITY, area_id
+from serving.features import OnlineFeatures
+from serving.onnx_model import OnnxModel
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def known(city_dir) -> dict:
+    """A real order of the small city, as a /v1/eta body."""
+    order = pd.read_parquet(city_dir / "offline" / "orders.parquet").iloc[-1]
+    return {"restaurant_id": int(order.restaurant_id), "delivery_lat": float(order.delivery_lat),
+            "delivery_lon": float(order.delivery_lon), "order_time": "2026-11-18T19:00:00Z"}
+
+
+@pytest.fixture(scope="module")
+def model(eta_artifacts) -> OnnxModel:
+    return OnnxModel(eta_artifacts / "eta" / "current")
+
+
+def expected_eta(body: dict, store, model: OnnxModel) -> float:
+    """The same pipeline in-process: Feast read (TTLs applied) -> build_inputs -> ONNX."""
+    area = area_id(body["delivery_lat"], body["delivery_lon"])
+    read = OnlineFeatures(store, model.manifest.feature_service).read(
+        {"restaurant_id": body["restaurant_id"], "area_id": area})
+    columns = {name: [value] for name, value in read.values.items()}
+    columns.update(delivery_lat=[body["delivery_lat"]], delivery_lon=[body["delivery_lon"]], area_id=[area],
+                   order_time=[pd.Timestamp(body["order_time"]).timestamp()])
+    return float(model.run(build_inputs(columns, model.manifest.feature_defaults))["eta_minutes"].reshape(-1)[0])
+
+
+def test_eta_answers_with_the_model_and_feature_ages(client, known, feature_store, model):
+    """POST /v1/eta gives the ONNX model's ETA, its version and the age of each feature view."""
+    response = client.post("/v1/eta", json=known)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model_version"] == model.version
+    assert answer["feature_service"] == "eta_v1"
+    assert answer["degraded"] is False and answer["fallback"] is None
+    assert set(answer["feature_age_seconds"]) == {"restaurant_profile", "restaurant_prep_7d",
+                                                  "restaurant_load_15m", "area_congestion_15m"}
+    assert answer["eta_minutes"] == pytest.approx(expected_eta(known, feature_store, model), abs=0.006)
+
+
+def test_features_past_their_ttl_are_reported(client, known):
+    """The small city ended days ago: its 15-minute views are past TTL, said so, and defaulted."""
+    answer = client.post("/v1/eta", json=known).json()
+    assert "area_congestion_15m" in answer["expired_features"]
+    assert answer["feature_age_seconds"]["area_congestion_15m"] > 15 * 60
+
+
+def test_farther_delivery_gets_a_longer_eta(client, known, city_dir):
+    """All else equal, a drop-off farther from the restaurant takes longer."""
+    restaurants = pd.read_parquet(city_dir / "offline" / "restaurants.parquet").set_index("restaurant_id")
+    home = restaurants.loc[known["restaurant_id"]]
+    etas = []
+    for km in (0.5, 2.0, 4.0):
+        body = {**known, "delivery_lat": float(home.lat) + km / 111.32, "delivery_lon": float(home.lon)}
+        if not CITY.contains(body["delivery_lat"], body["delivery_lon"]):
+            body["delivery_lat"] = float(home.lat) - km / 111.32
+        etas.append(client.post("/v1/eta", json=body).json()["eta_minutes"])
+    assert etas[0] < etas[1] < etas[2], etas
+
+
+BAD_ETA_BODIES = [
+    ("not json", b'{"restaurant_id": 1,', 400, "body"),
+    ("missing field", {"restaurant_id": 1, "delivery_lat": 52.37}, 422, "delivery_lon"),
+    ("wrong type", {"restaurant_id": "one", "delivery_lat": 52.37, "delivery_lon": 4.9}, 422, "restaurant_id"),
+    ("latitude > 90", {"restaurant_id": 1, "delivery_lat": 91.0, "delivery_lon": 4.9}, 422, "delivery_lat"),
+    ("longitude < -180", {"restaurant_id": 1, "delivery_lat": 52.37, "delivery_lon": -181.0}, 422, "delivery_lon"),
+    ("NaN", b'{"restaurant_id": 1, "delivery_lat": NaN, "delivery_lon": 4.9}', 422, "delivery_lat"),
+    ("Infinity", b'{"restaurant_id": 1, "delivery_lat": 52.37, "delivery_lon": -Infinity}', 422, "delivery_lon"),
+    ("outside the city", {"restaurant_id": 1, "delivery_lat": 48.85, "delivery_lon": 2.35}, 422,
+     "delivery_lat,delivery_lon"),
+    ("unknown restaurant", {"restaurant_id": 987654, "delivery_lat": 52.37, "delivery_lon": 4.9}, 404,
+     "restaurant_id"),
+    ("not an object", b"[]", 422, "body"),
+]
+
+
+@pytest.mark.parametrize("case, body, status, field", BAD_ETA_BODIES, ids=[c[0] for c in BAD_ETA_BODIES])
+def test_bad_eta_input_gets_a_4xx_naming_the_field(client, case, body, status, field):
+    """Each bad body gets its 4xx with the field and a rule; never a 500."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = client.post("/v1/eta", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error.get("field") == field and error["error"], error
+
+
+def test_oversized_body_is_refused_before_parsing(client, known):
+    """A body over max_body_bytes gets a 413."""
+    response = client.post("/v1/eta", content=b'{"pad": "' + b"x" * 70_000 + b'"}')
+    assert response.status_code == 413
+    assert "limit" in response.json()["error"]
+
+
+def test_unknown_route_and_wrong_method(client):
+    """Routing errors are 404 and 405 with a hint, not 500."""
+    assert client.get("/v1/nowhere").status_code == 404
+    assert client.get("/v1/eta").status_code == 405
+    assert client.post("/v2/models/eta").status_code == 405
+    assert client.get("/v2/models/ranker").status_code == 404
+
+
+def test_service_keeps_answering_after_bad_input(client, known):
+    """A storm of bad requests does not stop the service."""
+    for body, *_ in [(b[1],) for b in BAD_ETA_BODIES] * 3:
+        client.post("/v1/eta", content=body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert client.post("/v1/eta", json=known).status_code == 200
+
+
+def test_v2_health_and_metadata(client, model):
+    """Live, ready and model metadata with input names, datatypes and dynamic shapes."""
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2/models/eta/ready").json()["ready"] is True
+    metadata = client.get("/v2/models/eta").json()
+    assert metadata["name"] == "eta" and metadata["versions"] == [model.version]
+    inputs = {i["name"]: i for i in metadata["inputs"]}
+    assert inputs["dense"]["datatype"] == "FP32" and inputs["dense"]["shape"][0] == -1
+    assert inputs["areas"]["datatype"] == "INT64" and inputs["areas"]["shape"] == [-1, 2]
+    assert metadata["outputs"][0]["name"] == "eta_minutes"
+
+
+def _model_inputs(city_dir, model: OnnxModel, n: int) -> dict[str, np.ndarray]:
+    orders = pd.read_parquet(city_dir / "offline" / "orders.parquet").tail(n)
+    restaurants = pd.read_parquet(city_dir / "offline" / "restaurants.parquet").set_index("restaurant_id")
+    r = restaurants.loc[orders["restaurant_id"]]
+    columns = {"lat": r["lat"].to_numpy(), "lon": r["lon"].to_numpy(), "delivery_lat": orders["delivery_lat"].to_numpy(),
+               "delivery_lon": orders["delivery_lon"].to_numpy(), "area_id": orders["area_id"].to_numpy(),
+               "order_time": orders["event_timestamp"].astype("int64").to_numpy() / 1e9}
+    return build_inputs(columns, model.manifest.feature_defaults)
+
+
+def test_v2_infer_matches_the_model_in_process(client, city_dir, model):
+    """POST /v2/models/eta/infer returns what ONNX Runtime gives in-process."""
+    inputs = _model_inputs(city_dir, model, 16)
+    body = {"id": "batch-16", "inputs": [
+        {"name": name, "datatype": "FP32" if array.dtype == np.float32 else "INT64", "shape": list(array.shape),
+         "data": array.reshape(-1).tolist()} for name, array in inputs.items()]}
+    response = client.post("/v2/models/eta/infer", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["id"] == "batch-16" and answer["model_name"] == "eta"
+    output = answer["outputs"][0]
+    served = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+    np.testing.assert_allclose(served, model.run(inputs)["eta_minutes"], atol=1e-5)
+
+
+def test_kserve_rest_client_gets_the_in_process_answer(served, city_dir, model):
+    """KServe's own InferenceRESTClient (v2 protocol) works against Courier unchanged."""
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    inputs = _model_inputs(city_dir, model, 8)
+    infer_inputs = []
+    for name, array in inputs.items():
+        tensor = InferInput(name=name, shape=list(array.shape), datatype="FP32" if array.dtype == np.float32 else "INT64")
+        tensor.set_data_from_numpy(array, binary_data=False)
+        infer_inputs.append(tensor)
+
+    async def call():
+        rest = InferenceRESTClient(RESTConfig(protocol="v2", retries=1, timeout=30))
+        try:
+            return await rest.infer(served.url, InferRequest(model_name="eta", infer_inputs=infer_inputs),
+                                    model_name="eta")
+        finally:
+            await rest.close()
+
+    response = asyncio.run(call())
+    np.testing.assert_allclose(response.outputs[0].as_numpy().reshape(-1),
+                               model.run(inputs)["eta_minutes"].reshape(-1), atol=1e-5)
+
+
+BAD_V2 = [
+    ("wrong name", {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}, "inputs[0].name"),
+    ("wrong datatype", {"inputs": [{"name": "areas", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}]},
+     "inputs[0].datatype"),
+    ("wrong shape", {"inputs": [{"name": "areas", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}]},
+     "inputs[0].shape"),
+    ("bucket out of range", {"inputs": [{"name": "areas", "datatype": "INT64", "shape": [1, 2], "data": [1, 10**9]}]},
+     "inputs[0].data"),
+    ("no inputs", {"inputs": []}, "inputs"),
+]
+
+
+@pytest.mark.parametrize("case, body, field", BAD_V2, ids=[c[0] for c in BAD_V2])
+def test_bad_v2_requests_get_a_422(client, case, body, field):
+    """Wrong tensor name, datatype, shape or values: 422 naming the input."""
+    response = client.post("/v2/models/eta/infer", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+
+
+def test_prometheus_metrics_have_per_stage_latency(served, client, known):
+    """Ray's metrics endpoint exports feature-read, inference and total latency histograms."""
+    for _ in range(5):
+        client.post("/v1/eta", json=known)
+    wanted = {'stage="feature_read"', 'stage="inference"', 'stage="total"'}
+    deadline = time.monotonic() + 60  # Ray's metrics agent exports every few seconds
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if line.startswith("ray_courier_stage_latency_ms_bucket")]
+        if all(any(stage in line for line in lines) for stage in wanted):
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"stage histograms missing from metrics: {[l for l in text.splitlines() if 'courier' in l][:5]}")
+
+
+def test_artifact_with_an_unservable_feature_service_is_refused(tmp_path, eta_artifacts, city_dir):
+    """Serving's model deployment refuses to load a model trained on a service the store lacks."""
+    import shutil
+
+    from models.artifact import ArtifactError
+    from serving.eta import EtaModel
+
+    bad = tmp_path / "bad"
+    shutil.copytree((eta_artifacts / "eta" / "current").resolve(), bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["feature_service"] = "eta_v0"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert load_manifest(bad).feature_service == "eta_v0"
+    with pytest.raises(ArtifactError, match="'eta_v0'.*does not serve"):
+        EtaModel.func_or_class(str(bad), "sqlite", str(city_dir))
+
+
+class OwnRedis:
+    """A redis-server of the test's own on a free port, so it can be stopped without harming anyone."""
+
+    def __init__(self, workdir):
+        from tests.conftest import free_port
+
+        self.port, self.workdir, self.process = free_port(), workdir, None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import redis
+        import subprocess
+
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+                                        stdout=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, city_summary, eta_artifacts, known):
+    """With the Redis online store down, /v1/eta answers from the fallback and says so; then recovers."""
+    from datetime import datetime
+
+    from feature_repo.store import apply, materialize, open_store
+    from serving.launch import BackgroundServer
+    from tests.conftest import free_port
+
+    own = OwnRedis(tmp_path)
+    own.start()
+    project = "courier_outage"
+
+    def load_store() -> None:
+        store = open_store("redis", data_dir=tmp_path, redis=own.address, project=project)
+        apply(store, data_dir=city_dir)
+        materialize(store, datetime.fromisoformat(city_summary["end"]))
+
+    try:
+        load_store()
+        overrides = ["--num-cpus", "2", "--set", f"model_dir={eta_artifacts / 'eta' / 'current'}",
+                     "--set", f"data_dir={tmp_path}", "--set", "online_store=redis",
+                     "--set", f"redis={own.address}", "--set", f"feast_project={project}"]
+        with BackgroundServer(free_port(), free_port(), tmp_path / "serve.log", extra=overrides) as server:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                normal = http.post("/v1/eta", json=known).json()
+                assert normal["degraded"] is False, normal
+
+                own.stop()
+                during = http.post("/v1/eta", json=known)
+                assert during.status_code == 200, during.text
+                answer = during.json()
+                assert answer["degraded"] is True and "online store unavailable" in answer["fallback"]
+                assert answer["eta_minutes"] > 0 and answer["model_version"] == normal["model_version"]
+                unknown = http.post("/v1/eta", json={**known, "restaurant_id": 987654})
+                assert unknown.status_code == 404  # the fallback still knows which restaurants exist
+
+                own.start()
+                load_store()  # this Redis keeps nothing on disk: materialize again, as the CronJob would
+                after = http.post("/v1/eta", json=known).json()
+                assert after["degraded"] is False
+                assert after["eta_minutes"] == pytest.approx(normal["eta_minutes"], abs=0.01)
+    finally:
+        own.stop()

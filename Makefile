@@ -68,6 +68,10 @@ train: setup ## Train, evaluate (reports/eta) and export the ETA model to ONNX (
 serve: setup ## Run the Ray Serve app in the foreground on PORT (Ctrl-C stops it)
 	$(PY) -m serving.launch --port $(PORT)
 
+.PHONY: bench-onnx
+bench-onnx: setup ## Compare ONNX Runtime session options on the served model (table for docs/benchmarks.md)
+	$(PY) -m serving.session_bench
+
 ##@ Kubernetes
 # The chart, images and local-cluster path (docs/kubernetes.md). K8S=kind|minikube picks the
 # local cluster; RELEASE, NAMESPACE, CLUSTER and IMAGE_TAG can be overridden like any variable.
@@ -137,11 +141,11 @@ deploy: ## helm upgrade --install the release, wait until it serves, then helm t
 	@bash scripts/k8s-deploy.sh
 
 .PHONY: k8s-loadtest
-k8s-loadtest: ## Run Locust in the cluster and wait for its verdict (LOADTEST_ARGS="--set loadtest.users=200")
+k8s-loadtest: ## Run Locust (or LOADTEST_ARGS="--set loadtest.engine=openloop") in the cluster; wait for the verdict
 	@bash scripts/k8s-run.sh loadtest
 
 .PHONY: k8s-chaos
-k8s-chaos: ## Run the chaos drill in the cluster under Locust load and wait for both verdicts
+k8s-chaos: ## Run the chaos drill in the cluster (it brings its own open-loop load) and wait for its verdict
 	@bash scripts/k8s-run.sh chaos
 
 .PHONY: undeploy

@@ -1,7 +1,9 @@
-"""The ETA deployment: Feast online read + ONNX Runtime, one request at a time.
+"""The ETA pipeline (Feast online read + ONNX Runtime) and its Ray Serve deployment.
 
-Heavy state is built in `__init__`; the ingress calls `predict` for `/v1/eta` and
-`infer` / `metadata` for the Open Inference Protocol endpoints.
+`EtaPipeline` is plain Python, so the deployment, a plain ASGI server and the benchmarks
+run exactly the same code; `EtaModel` is the deployment the ingress calls: `predict` for
+`/v1/eta`, `predict_many` for the feed's cards, `infer` / `metadata` for the Open
+Inference Protocol endpoints.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ logger = logging.getLogger("ray.serve")
 RESTAURANT_DIRECTORY = "restaurants.parquet"
 
 
-@serve.deployment(name="EtaModel")
-class EtaModel:
-    """Answers "how long until my food arrives?" for one order."""
+class EtaPipeline:
+    """Answers "how long until my food arrives?" for one order, or for many restaurants at once."""
 
     def __init__(self, model_dir: str, online_store: str = "sqlite", data_dir: str | None = None,
-                 redis: str | None = None, feast_project: str | None = None, feature_timeout_ms: float = 100):
+                 redis: str | None = None, feast_project: str | None = None, feature_timeout_ms: float = 100,
+                 export_metrics: bool = False):
         self.model = OnnxModel(resolve(model_dir))
         manifest = self.model.manifest
         store = open_store(online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis,
@@ -42,7 +44,7 @@ class EtaModel:
         self.features = OnlineFeatures(store, manifest.feature_service, deadline_s=feature_timeout_ms / 1000)
         self.defaults = manifest.feature_defaults
         self.directory = _restaurant_directory(self.model.directory / RESTAURANT_DIRECTORY)
-        self.metrics = ServingMetrics()
+        self.metrics = ServingMetrics(export=export_metrics)
         logger.info("EtaModel %s serving with feature service %s (%s online store)",
                     manifest.version, manifest.feature_service, online_store)
 
@@ -77,6 +79,35 @@ class EtaModel:
             "fallback": fallback,
         }
 
+    def predict_many(self, restaurant_ids: list[int], delivery_lat: float, delivery_lon: float,
+                     order_time: float) -> dict[str, Any]:
+        """ETAs of many restaurants to one drop-off in one feature read and one ONNX call (the feed's cards).
+
+        Unknown restaurants get None; when the store is down the directory and defaults are used.
+        """
+        area = geo.area_id(delivery_lat, delivery_lon)
+        fallback = None
+        try:
+            with self.metrics.stage("feed", "eta_feature_read"):
+                rows = self.features.read_rows([{"restaurant_id": int(r), "area_id": area} for r in restaurant_ids])
+            columns = rows.columns
+        except StoreUnavailable as exc:
+            fallback = f"online store unavailable ({exc})"
+            self.metrics.fallbacks.inc(tags={"endpoint": "feed_eta", "reason": "online_store_unavailable"})
+            located = [self.directory.get(int(r), (None, None)) for r in restaurant_ids]
+            columns = {"lat": [p[0] for p in located], "lon": [p[1] for p in located]}
+        known = [i for i, lat in enumerate(columns["lat"]) if lat is not None]
+        etas: list[float | None] = [None] * len(restaurant_ids)
+        if known:
+            batch = {name: [values[i] for i in known] for name, values in columns.items()}
+            batch.update(delivery_lat=[delivery_lat] * len(known), delivery_lon=[delivery_lon] * len(known),
+                         order_time=[order_time] * len(known), area_id=[area] * len(known))
+            with self.metrics.stage("feed", "eta_inference"):
+                minutes = self.model.run(build_inputs(batch, self.defaults))["eta_minutes"].reshape(-1)
+            for i, value in zip(known, minutes):
+                etas[i] = round(float(value), 2)
+        return {"eta_minutes": etas, "model_version": self.model.version, "fallback": fallback}
+
     def _directory_features(self, restaurant_id: int) -> dict[str, Any]:
         """Static features from the artifact when the store is down; live ones take their defaults."""
         location = self.directory.get(restaurant_id)
@@ -108,6 +139,14 @@ class EtaModel:
         zeros = {spec["name"]: np.zeros([1 if d == -1 else d for d in spec["shape"]], dtype=_numpy_type(spec))
                  for spec in self.model.input_specs()}
         self.model.run(zeros)
+
+
+@serve.deployment(name="EtaModel")
+class EtaModel(EtaPipeline):
+    """The ETA pipeline as a Ray Serve deployment, exporting its metrics to Prometheus."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, export_metrics=True, **kwargs)
 
 
 def _numpy_type(spec: dict[str, Any]) -> type:

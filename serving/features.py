@@ -36,8 +36,17 @@ class FeatureRead:
     expired: list[str] = field(default_factory=list)  # views past their TTL (values set to None)
 
 
+@dataclass
+class FeatureRows:
+    """Several entity rows at once: a column per feature, and per view the age of each row."""
+
+    columns: dict[str, list[Any]]  # None where missing or past the TTL
+    age_seconds: dict[str, list[float | None]]
+    expired: dict[str, list[bool]]
+
+
 class OnlineFeatures:
-    """Reads one feature service for one entity row at a time."""
+    """Reads one feature service for one or many entity rows per call."""
 
     def __init__(self, store: FeatureStore, service_name: str, deadline_s: float = 0.1, cooldown_s: float = 1.0):
         try:
@@ -51,40 +60,50 @@ class OnlineFeatures:
         self.deadline_s, self.cooldown_s = deadline_s, cooldown_s
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="feast-read")
         self._down_until = 0.0
+        self._warm = False  # the first read loads the registry and opens connections: no deadline for it
         self._lock = threading.Lock()
         views = {view.name: view for view in store.list_feature_views()}
-        self.ttl_seconds: dict[str, float] = {}
+        self.ttl_seconds: dict[str, float] = {}  # on-demand views are computed per request: never stale
         self.view_of: dict[str, str] = {}
         for projection in self.service.feature_view_projections:
-            ttl = views[projection.name].ttl
+            ttl = views[projection.name].ttl if projection.name in views else None
             self.ttl_seconds[projection.name] = ttl.total_seconds() if ttl else float("inf")
             for feature in projection.features:
                 self.view_of[feature.name] = projection.name
 
+    def read_rows(self, entities: list[dict[str, Any]], now: float | None = None) -> FeatureRows:
+        """Read many entity rows in one call; values past their view's TTL come back as None."""
+        raw = self._fetch(entities)
+        now = time.time() if now is None else now
+        ages: dict[str, list[float | None]] = {}
+        for name, view in self.view_of.items():
+            if view in ages:
+                continue
+            ages[view] = [None if value is None or not stamp else max(0.0, now - stamp)
+                          for value, stamp in zip(raw[name], raw.get(f"{name}__ts", [0] * len(entities)))]
+        expired = {view: [age is not None and age > self.ttl_seconds[view] for age in row_ages]
+                   for view, row_ages in ages.items()}
+        columns = {name: [None if gone else value for value, gone in zip(raw[name], expired[view])]
+                   for name, view in self.view_of.items()}
+        return FeatureRows(columns=columns, age_seconds=ages, expired=expired)
+
     def read(self, entity: dict[str, Any], now: float | None = None) -> FeatureRead:
         """Read one entity row; values past their view's TTL come back as None and are listed."""
-        raw = self._fetch(entity)
-        now = time.time() if now is None else now
-        values: dict[str, Any] = {}
-        age: dict[str, float | None] = {}
-        for name, view in self.view_of.items():
-            value, stamp = raw[name][0], raw[f"{name}__ts"][0]
-            age[view] = None if value is None or not stamp else max(0.0, now - stamp)
-            values[name] = value
-        expired = sorted(view for view, seconds in age.items() if seconds is not None and seconds > self.ttl_seconds[view])
-        for name, view in self.view_of.items():
-            if view in expired:
-                values[name] = None
-        return FeatureRead(values=values, age_seconds=age, expired=expired)
+        rows = self.read_rows([entity], now)
+        return FeatureRead(values={name: values[0] for name, values in rows.columns.items()},
+                           age_seconds={view: ages[0] for view, ages in rows.age_seconds.items()},
+                           expired=sorted(view for view, flags in rows.expired.items() if flags[0]))
 
-    def _fetch(self, entity: dict[str, Any]) -> dict[str, list]:
+    def _fetch(self, entities: list[dict[str, Any]]) -> dict[str, list]:
         """The Feast call, bounded by the deadline; raises StoreUnavailable while the store is down."""
         if time.monotonic() < self._down_until:
             raise StoreUnavailable(f"store failed less than {self.cooldown_s:g} s ago; not retried yet")
         future = self._pool.submit(lambda: self.store.get_online_features(
-            features=self.service, entity_rows=[entity]).to_dict(include_event_timestamps=True))
+            features=self.service, entity_rows=entities).to_dict(include_event_timestamps=True))
         try:
-            return future.result(timeout=self.deadline_s)
+            raw = future.result(timeout=self.deadline_s if self._warm else None)
+            self._warm = True
+            return raw
         except FutureTimeout:
             self._mark_down()
             raise StoreUnavailable(f"no answer within {self.deadline_s * 1000:.0f} ms") from None

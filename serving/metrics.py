@@ -16,10 +16,24 @@ from ray.serve.metrics import Counter, Histogram
 LATENCY_BUCKETS_MS = [0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500]
 
 
+class _Discard:
+    """Stands in for a Prometheus metric outside Ray (benchmarks, plain ASGI): records nothing."""
+
+    def observe(self, *args, **kwargs) -> None:
+        pass
+
+    def inc(self, *args, **kwargs) -> None:
+        pass
+
+
 class ServingMetrics:
     """Per-stage latency, fallbacks and refused requests, tagged by endpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, export: bool = True) -> None:
+        """`export=False` keeps the timing API but exports nothing (code running outside Ray Serve)."""
+        if not export:
+            self.stage_ms = self.fallbacks = self.rejected = _Discard()
+            return
         self.stage_ms = Histogram("courier_stage_latency_ms", description="Latency of one serving stage, ms.",
                                   boundaries=LATENCY_BUCKETS_MS, tag_keys=("endpoint", "stage"))
         self.fallbacks = Counter("courier_fallback_total", description="Answers given in a degraded mode.",

@@ -46,7 +46,7 @@ def test_online_store_serves_what_the_point_in_time_join_gives(tmp_path, city_di
     entities = _entities(city_dir, t)
     offline = store.get_historical_features(entity_df=entities, features=service).to_df()
     offline = entities.merge(offline, on=["restaurant_id", "area_id", "event_timestamp"], how="left")
-    online = _online_rows(OnlineFeatures(store, "eta_v1"), entities, now=t.timestamp())
+    online = _online_rows(OnlineFeatures(store, "eta_v1", deadline_s=10), entities, now=t.timestamp())
     columns = [f.name for p in service.feature_view_projections for f in p.features]
     _assert_same(offline, online, columns)
     # The comparison means something only if live values were present and varied.
@@ -58,7 +58,7 @@ def test_online_values_past_their_ttl_are_treated_as_missing(feature_store, city
     """Read 20 minutes after the last materialized snapshot: 15-minute views expire, the profile does not."""
     end = pd.Timestamp(city_summary["end"])
     entity = _entities(city_dir, end, n=1).iloc[0]
-    reader = OnlineFeatures(feature_store, "eta_v1")
+    reader = OnlineFeatures(feature_store, "eta_v1", deadline_s=10)
     fresh = reader.read({"restaurant_id": int(entity.restaurant_id), "area_id": entity.area_id}, now=end.timestamp())
     late = reader.read({"restaurant_id": int(entity.restaurant_id), "area_id": entity.area_id},
                        now=(end + pd.Timedelta(minutes=20)).timestamp())
@@ -94,8 +94,8 @@ def test_redis_online_store_serves_the_same_features(tmp_path, feature_store, ci
         end = pd.Timestamp(city_summary["end"])
         entities = _entities(city_dir, end)
         now = end.timestamp()
-        from_redis = _online_rows(OnlineFeatures(redis_store, "eta_v1"), entities, now)
-        from_sqlite = _online_rows(OnlineFeatures(feature_store, "eta_v1"), entities, now)
+        from_redis = _online_rows(OnlineFeatures(redis_store, "eta_v1", deadline_s=10), entities, now)
+        from_sqlite = _online_rows(OnlineFeatures(feature_store, "eta_v1", deadline_s=10), entities, now)
         _assert_same(from_sqlite, from_redis, from_sqlite.columns)
         assert from_redis["lat"].notna().all()
         assert redis_store.config.online_store.type == "redis"

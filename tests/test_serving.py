@@ -42,7 +42,7 @@ def model(eta_artifacts) -> OnnxModel:
 def expected_eta(body: dict, store, model: OnnxModel) -> float:
     """The same pipeline in-process: Feast read (TTLs applied) -> build_inputs -> ONNX."""
     area = area_id(body["delivery_lat"], body["delivery_lon"])
-    read = OnlineFeatures(store, model.manifest.feature_service).read(
+    read = OnlineFeatures(store, model.manifest.feature_service, deadline_s=10).read(
         {"restaurant_id": body["restaurant_id"], "area_id": area})
     columns = {name: [value] for name, value in read.values.items()}
     columns.update(delivery_lat=[body["delivery_lat"]], delivery_lon=[body["delivery_lon"]], area_id=[area],
@@ -227,7 +227,8 @@ def test_prometheus_metrics_have_per_stage_latency(served, client, known):
             break
         time.sleep(2)
     else:
-        pytest.fail(f"stage histograms missing from metrics: {[l for l in text.splitlines() if 'courier' in l][:5]}")
+        courier_lines = [line for line in text.splitlines() if 'courier' in line][:5]
+        pytest.fail(f"stage histograms missing from metrics: {courier_lines}")
 
 
 def test_artifact_with_an_unservable_feature_service_is_refused(tmp_path, eta_artifacts, city_dir):
@@ -235,7 +236,7 @@ def test_artifact_with_an_unservable_feature_service_is_refused(tmp_path, eta_ar
     import shutil
 
     from models.artifact import ArtifactError
-    from serving.eta import EtaModel
+    from serving.eta import EtaPipeline
 
     bad = tmp_path / "bad"
     shutil.copytree((eta_artifacts / "eta" / "current").resolve(), bad)
@@ -244,7 +245,7 @@ def test_artifact_with_an_unservable_feature_service_is_refused(tmp_path, eta_ar
     (bad / "manifest.json").write_text(json.dumps(manifest))
     assert load_manifest(bad).feature_service == "eta_v0"
     with pytest.raises(ArtifactError, match="'eta_v0'.*does not serve"):
-        EtaModel.func_or_class(str(bad), "sqlite", str(city_dir))
+        EtaPipeline(str(bad), "sqlite", str(city_dir))
 
 
 class OwnRedis:
@@ -260,8 +261,9 @@ class OwnRedis:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        import redis
         import subprocess
+
+        import redis
 
         self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                                          "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],

@@ -32,11 +32,33 @@ class EtaRequest(BaseModel):
 
     def order_time_utc(self) -> datetime:
         """The order time as an aware UTC datetime (now when not given)."""
-        if self.order_time is None:
-            return datetime.now(timezone.utc)
-        if self.order_time.tzinfo is None:
-            return self.order_time.replace(tzinfo=timezone.utc)
-        return self.order_time.astimezone(timezone.utc)
+        return _utc(self.order_time)
+
+
+def _utc(moment: datetime | None) -> datetime:
+    """Aware UTC: now when missing, naive taken as UTC."""
+    if moment is None:
+        return datetime.now(timezone.utc)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+class FeedRequest(BaseModel):
+    """`POST /v1/feed`: who is looking, from where, how many cards, and (optionally) when."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    user_id: int = Field(gt=0, description="The user; unknown users get a cold-start feed.")
+    user_lat: float = Field(ge=-90, le=90, description="Where the user is (the drop-off), latitude.")
+    user_lon: float = Field(ge=-180, le=180, description="Where the user is (the drop-off), longitude.")
+    page_size: int = Field(default=20, ge=1, le=50, description="Cards on the page.")
+    request_time: datetime | None = Field(default=None, description="ISO 8601; default now; naive means UTC.")
+    include_timings: bool = Field(default=False, description="Add per-stage latency (ms) to the response.")
+
+    def request_time_utc(self) -> datetime:
+        """The request time as an aware UTC datetime (now when not given)."""
+        return _utc(self.request_time)
 
 
 class V2Tensor(BaseModel):
@@ -81,14 +103,28 @@ def parse_eta_request(body: bytes) -> EtaRequest:
         request = EtaRequest.model_validate_json(body)
     except ValidationError as exc:
         raise _first_error(exc) from None
-    distance = CITY.distance_from_center_km(request.delivery_lat, request.delivery_lon)
+    _check_in_city("delivery_lat", "delivery_lon", request.delivery_lat, request.delivery_lon)
+    return request
+
+
+def parse_feed_request(body: bytes) -> FeedRequest:
+    """Validate a `/v1/feed` body, including that the user is inside the served city."""
+    try:
+        request = FeedRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+    _check_in_city("user_lat", "user_lon", request.user_lat, request.user_lon)
+    return request
+
+
+def _check_in_city(lat_field: str, lon_field: str, lat: float, lon: float) -> None:
+    distance = CITY.distance_from_center_km(lat, lon)
     if distance > CITY.radius_km:
         raise InvalidInput(
-            f"delivery_lat/delivery_lon: ({request.delivery_lat}, {request.delivery_lon}) is {distance:.1f} km "
-            f"from the centre of {CITY.name}; deliveries are served within {CITY.radius_km:.1f} km",
-            field="delivery_lat,delivery_lon", rule=f"must be within {CITY.radius_km} km of the city centre",
+            f"{lat_field}/{lon_field}: ({lat}, {lon}) is {distance:.1f} km from the centre of {CITY.name}; "
+            f"deliveries are served within {CITY.radius_km:.1f} km",
+            field=f"{lat_field},{lon_field}", rule=f"must be within {CITY.radius_km} km of the city centre",
         )
-    return request
 
 
 def parse_v2_request(body: bytes, inputs_spec: list[dict[str, Any]]) -> tuple[str | None, dict[str, np.ndarray]]:

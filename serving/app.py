@@ -7,8 +7,21 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
+from serving.blending import SponsoredPolicy
 from serving.eta import EtaModel
 from serving.ingress import Ingress
+
+
+class FeedArgs(BaseModel):
+    """The feed: its two models, how many candidates reach the ranker, and the sponsored policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    retrieval_model_dir: str = Field("artifacts/retrieval/current", description="Two-tower artifact.")
+    ranker_model_dir: str = Field("artifacts/ranker/current", description="Ranker artifact.")
+    candidates: int = Field(100, gt=0, le=1000, description="Candidates retrieved and ranked per request.")
+    directory_max_age_s: float = Field(60, gt=0, description="Freshness bound of the cached restaurant directory.")
+    sponsored: SponsoredPolicy = Field(default_factory=SponsoredPolicy)
 
 
 class AppArgs(BaseModel):
@@ -23,11 +36,24 @@ class AppArgs(BaseModel):
     feast_project: str | None = Field(None, description="Override the Feast project name (tests keep apart with it).")
     feature_timeout_ms: float = Field(100, gt=0, description="A feature read slower than this counts as a store outage.")
     max_body_bytes: int = Field(65536, gt=0, description="Larger request bodies get a 413.")
+    feed: FeedArgs | None = Field(None, description="The feed's models and policy; null serves ETA only.")
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Ingress -> EtaModel; deployment options come from the serve config."""
+    """Ingress -> EtaModel (and, with a feed, Retrieval and Ranker); options come from the serve config."""
     settings = AppArgs.model_validate(args or {})
-    eta = EtaModel.bind(settings.model_dir, settings.online_store, settings.data_dir, settings.redis,
-                        settings.feast_project, settings.feature_timeout_ms)
-    return Ingress.bind({"eta": eta}, settings.max_body_bytes)
+    store = dict(online_store=settings.online_store, data_dir=settings.data_dir, redis=settings.redis,
+                 feast_project=settings.feast_project, feature_timeout_ms=settings.feature_timeout_ms)
+    models = {"eta": EtaModel.bind(settings.model_dir, **store)}
+    feed = None
+    if settings.feed is not None:
+        from serving.ranker import (
+            Ranker,  # imported only with a feed: they need the feed's model code
+        )
+        from serving.retrieval import Retrieval
+
+        models["user_tower"] = Retrieval.bind(settings.feed.retrieval_model_dir,
+                                              directory_max_age_s=settings.feed.directory_max_age_s, **store)
+        models["ranker"] = Ranker.bind(settings.feed.ranker_model_dir, **store)
+        feed = {"candidates": settings.feed.candidates, "sponsored": settings.feed.sponsored.model_dump()}
+    return Ingress.bind(models, settings.max_body_bytes, feed)

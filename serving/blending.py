@@ -11,6 +11,7 @@ Policy (all configurable in the serve config's `sponsored` block):
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 

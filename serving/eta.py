@@ -12,17 +12,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from ray import serve
 
 from feature_repo.store import open_store
 from models import geo
 from models.eta.features import build_inputs
-from serving.errors import InvalidInput, NotFound
+from serving.errors import NotFound
 from serving.features import OnlineFeatures, StoreUnavailable
 from serving.metrics import ServingMetrics
-from serving.onnx_model import OnnxModel
+from serving.onnx_model import OnnxModel, ServedOnnxModel
 from serving.paths import resolve
 from serving.schemas import EtaRequest
 
@@ -30,7 +29,7 @@ logger = logging.getLogger("ray.serve")
 RESTAURANT_DIRECTORY = "restaurants.parquet"
 
 
-class EtaPipeline:
+class EtaPipeline(ServedOnnxModel):
     """Answers "how long until my food arrives?" for one order, or for many restaurants at once."""
 
     def __init__(self, model_dir: str, online_store: str = "sqlite", data_dir: str | None = None,
@@ -117,29 +116,6 @@ class EtaPipeline:
                            rule="must be a restaurant on the marketplace")
         return {"lat": location[0], "lon": location[1]}
 
-    def infer(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Raw model inference for the Open Inference Protocol; inputs are already validated."""
-        try:
-            with self.metrics.stage("v2_infer", "inference"):
-                return self.model.run(tensors)
-        except Exception as exc:  # ONNX Runtime rejects what the validator could not foresee: the input's fault
-            raise InvalidInput(f"inputs: the model refused these tensors: {exc}", field="inputs",
-                               rule="must be valid input for the model") from exc
-
-    def metadata(self) -> dict[str, Any]:
-        """Open Inference Protocol model metadata."""
-        return self.model.metadata()
-
-    def input_specs(self) -> list[dict[str, Any]]:
-        """Input names, datatypes, shapes and value ranges, for the ingress's validator."""
-        return self.model.input_specs()
-
-    def check_health(self) -> None:
-        """Ray Serve restarts the replica if this raises: the session must still answer."""
-        zeros = {spec["name"]: np.zeros([1 if d == -1 else d for d in spec["shape"]], dtype=_numpy_type(spec))
-                 for spec in self.model.input_specs()}
-        self.model.run(zeros)
-
 
 @serve.deployment(name="EtaModel")
 class EtaModel(EtaPipeline):
@@ -147,10 +123,6 @@ class EtaModel(EtaPipeline):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, export_metrics=True, **kwargs)
-
-
-def _numpy_type(spec: dict[str, Any]) -> type:
-    return np.int64 if spec["datatype"] == "INT64" else np.float32
 
 
 def _restaurant_directory(path: Path) -> dict[int, tuple[float, float]]:

@@ -16,13 +16,16 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
+from serving.blending import SponsoredPolicy
 from serving.errors import CourierError, MethodNotAllowed, NotFound, PayloadTooLarge
+from serving.feed import FeedComposer
 from serving.metrics import ServingMetrics
-from serving.schemas import parse_eta_request, parse_v2_request
+from serving.schemas import parse_eta_request, parse_feed_request, parse_v2_request
 
 logger = logging.getLogger("ray.serve")
 ROUTES = {
     "/v1/eta": "POST",
+    "/v1/feed": "POST",
     "/v2/health/live": "GET",
     "/v2/health/ready": "GET",
     "/v2": "GET",
@@ -40,12 +43,20 @@ def json_response(body: Any, status: int = 200) -> Response:
 class Ingress:
     """Routes requests to the model deployments; owns every 4xx decision."""
 
-    def __init__(self, models: dict[str, DeploymentHandle], max_body_bytes: int = 65536):
+    def __init__(self, models: dict[str, DeploymentHandle], max_body_bytes: int = 65536,
+                 feed: dict[str, Any] | None = None):
+        """`models` maps Open Inference Protocol names to deployments ("eta", and with the feed
+        "ranker" and "user_tower"); `feed` holds the feed's candidate count and sponsored policy."""
         self.models = models
         self.max_body_bytes = max_body_bytes
         self.specs: dict[str, list[dict[str, Any]]] = {}  # input specs, fetched once per model
         self.metadata: dict[str, dict[str, Any]] = {}
         self.metrics = ServingMetrics()
+        self.feed = None
+        if feed is not None:
+            self.feed = FeedComposer(models["user_tower"], models["ranker"], models["eta"],
+                                     SponsoredPolicy.model_validate(feed["sponsored"]), feed["candidates"],
+                                     self.metrics)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
@@ -70,6 +81,8 @@ class Ingress:
             raise MethodNotAllowed(f"{path} takes {ROUTES[path]}, not {method}")
         if path == "/v1/eta":
             return await self._eta(request)
+        if path == "/v1/feed":
+            return await self._feed(request)
         if path == "/v2/health/live":
             return json_response({"live": True})
         if path == "/v2/health/ready":
@@ -78,7 +91,7 @@ class Ingress:
         if path == "/v2":
             return json_response({"name": "courier", "version": "0.1.0", "extensions": []})
         return json_response({"service": "courier", "endpoints": [
-            "POST /v1/eta", "GET /v2/health/live", "GET /v2/health/ready",
+            "POST /v1/eta", *(["POST /v1/feed"] if self.feed else []), "GET /v2/health/live", "GET /v2/health/ready",
             *[f"GET /v2/models/{m}" for m in self.models], *[f"POST /v2/models/{m}/infer" for m in self.models]]})
 
     async def _body(self, request: Request) -> bytes:
@@ -99,6 +112,13 @@ class Ingress:
                 eta_request = parse_eta_request(await self._body(request))
             answer = await self.models["eta"].predict.remote(eta_request)
         return json_response(answer)
+
+    async def _feed(self, request: Request) -> Response:
+        if self.feed is None:
+            raise NotFound("the feed is not deployed in this application (no retrieval/ranker models configured)")
+        with self.metrics.stage("feed", "parse"):
+            feed_request = parse_feed_request(await self._body(request))
+        return json_response(await self.feed.page(feed_request))
 
     async def _v2_model_route(self, request: Request, path: str) -> Response:
         parts = path.split("/")  # ["", "v2", "models", name, (action)]
@@ -134,8 +154,8 @@ class Ingress:
         return json_response(body)
 
     async def _metadata(self, name: str) -> dict[str, Any]:
-        if name not in self.metadata:
-            self.metadata[name] = await self.models[name].metadata.remote()
+        if name not in self.metadata:  # named as routed: the ranker's artifact may call itself otherwise
+            self.metadata[name] = {**await self.models[name].metadata.remote(), "name": name}
         return self.metadata[name]
 
     async def _specs(self, name: str) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models.artifact import ONNX_FILE, ModelManifest, load_manifest
+from serving.errors import InvalidInput
 
 ORT_TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
 
@@ -71,3 +72,35 @@ def _describe(node: Any) -> dict[str, Any]:
     """Open Inference Protocol tensor metadata of a session input or output (-1 = dynamic)."""
     shape = [dim if isinstance(dim, int) else -1 for dim in node.shape]
     return {"name": node.name, "datatype": ORT_TYPES.get(node.type, node.type), "shape": shape}
+
+
+class ServedOnnxModel:
+    """The Open Inference Protocol side of a deployment that holds an `OnnxModel` in `self.model`."""
+
+    model: OnnxModel
+
+    def infer(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw model inference; the ingress has already validated names, datatypes, shapes and ranges."""
+        try:
+            return self.model.run(tensors)
+        except Exception as exc:  # ONNX Runtime refusing what the validator could not foresee: the input's fault
+            raise InvalidInput(f"inputs: the model refused these tensors: {exc}", field="inputs",
+                               rule="must be valid input for the model") from exc
+
+    def metadata(self) -> dict[str, Any]:
+        """Open Inference Protocol model metadata."""
+        return self.model.metadata()
+
+    def input_specs(self) -> list[dict[str, Any]]:
+        """Input names, datatypes, shapes and value ranges, for the ingress's validator."""
+        return self.model.input_specs()
+
+    def check_health(self) -> None:
+        """Ray Serve restarts the replica if this raises: the session must still answer."""
+        zeros = {spec["name"]: np.zeros([1 if d == -1 else d for d in spec["shape"]],
+                                        dtype=np.int64 if spec["datatype"] == "INT64" else np.float32)
+                 for spec in self.model.input_specs()}
+        low = {spec["name"]: spec["range"][0] for spec in self.model.input_specs() if spec["range"][0] is not None}
+        for name, value in low.items():
+            zeros[name][...] = value  # e.g. a 1-based position must not be 0
+        self.model.run(zeros)

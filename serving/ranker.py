@@ -1,0 +1,67 @@
+"""Ranking: p(order | impression) for every candidate of a feed in one batched call.
+
+One Feast read for all (user, restaurant) rows, with the request's place as request
+data for the on-demand view, then one ONNX Runtime call. Position is fixed at the
+serving position (models/ranker/README.md), so scores compare relevance alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from feature_repo.store import open_store
+from models.ranker.features import build_inputs
+from serving.features import OnlineFeatures, StoreUnavailable
+from serving.metrics import ServingMetrics
+from serving.onnx_model import OnnxModel, ServedOnnxModel
+from serving.paths import resolve
+
+
+class RankerPipeline(ServedOnnxModel):
+    """Scores a user's candidates: the probability that each would be ordered if shown first."""
+
+    def __init__(self, model_dir: str, online_store: str = "sqlite", data_dir: str | None = None,
+                 redis: str | None = None, feast_project: str | None = None, feature_timeout_ms: float = 100,
+                 export_metrics: bool = False):
+        self.model = OnnxModel(resolve(model_dir))
+        store = open_store(online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis,
+                           project=feast_project)
+        self.features = OnlineFeatures(store, self.model.manifest.feature_service,
+                                       deadline_s=feature_timeout_ms / 1000)
+        self.defaults = self.model.manifest.feature_defaults
+        self.metrics = ServingMetrics(export=export_metrics)
+
+    def score(self, user_id: int, user_lat: float, user_lon: float, request_time: float,
+              restaurant_ids: list[int], restaurant_lat: list[float], restaurant_lon: list[float]) -> dict[str, Any]:
+        """p_order per restaurant, in the order given; the places keep distance known if the store is down."""
+        timings: dict[str, float] = {}
+        n = len(restaurant_ids)
+        if n == 0:
+            return {"p_order": [], "model_version": self.model.version, "fallback": None, "timings_ms": timings}
+        fallback = None
+        with self.metrics.stage("feed", "ranker_features", timings):
+            rows = [{"user_id": int(user_id), "restaurant_id": int(r), "user_lat": user_lat, "user_lon": user_lon}
+                    for r in restaurant_ids]
+            try:
+                columns: dict[str, list] = dict(self.features.read_rows(rows).columns)
+            except StoreUnavailable as exc:
+                fallback = f"online store unavailable ({exc}); ranked on request features and defaults"
+                self.metrics.fallbacks.inc(tags={"endpoint": "feed", "reason": "online_store_unavailable"})
+                columns = {}
+        with self.metrics.stage("feed", "ranking", timings):
+            columns.update(restaurant_id=list(restaurant_ids), user_lat=[user_lat] * n, user_lon=[user_lon] * n,
+                           request_time=[request_time] * n, lat=list(restaurant_lat), lon=list(restaurant_lon))
+            p_order = self.model.run(build_inputs(columns, self.defaults))["p_order"].reshape(-1)
+        return {"p_order": np.asarray(p_order, dtype=float).tolist(), "model_version": self.model.version,
+                "fallback": fallback, "timings_ms": timings}
+
+
+@serve.deployment(name="Ranker")
+class Ranker(RankerPipeline):
+    """The ranker as a Ray Serve deployment (also served over OIP v2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, export_metrics=True, **kwargs)

@@ -141,7 +141,7 @@ deploy: ## helm upgrade --install the release, wait until it serves, then helm t
 	@bash scripts/k8s-deploy.sh
 
 .PHONY: k8s-loadtest
-k8s-loadtest: ## Run Locust (or LOADTEST_ARGS="--set loadtest.engine=openloop") in the cluster; wait for the verdict
+k8s-loadtest: ## Run the SLO gate (or LOADTEST_ARGS="--set loadtest.engine=locust") in the cluster; wait for it
 	@bash scripts/k8s-run.sh loadtest
 
 .PHONY: k8s-chaos

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--online", choices=sorted(STORE_FILES), default="sqlite")
     parser.add_argument("command", choices=["apply", "materialize"])
     args = parser.parse_args(argv)
-    store = open_store(args.online)
+    store = open_store(args.online, data_dir=DATA_DIR)  # registry follows COURIER_DATA_DIR, like the sources
     if args.command == "apply":
         apply(store)
         print(f"applied feature repository ({args.online} online store)")

@@ -59,8 +59,10 @@ features: setup ## feast apply, then materialize the online store up to the simu
 	$(PY) -m feature_repo.store materialize
 
 .PHONY: train
-train: setup ## Train, evaluate (reports/eta) and export the ETA model to ONNX (artifacts/eta)
+train: setup ## Train, evaluate (reports/<model>) and export to ONNX (artifacts/<model>): ETA, retrieval, ranker
 	$(PY) -m models.eta.train
+	$(PY) -m models.retrieval.train
+	$(PY) -m models.ranker.train
 
 ##@ Serving
 
@@ -151,3 +153,27 @@ k8s-chaos: ## Run the chaos drill in the cluster (it brings its own open-loop lo
 .PHONY: undeploy
 undeploy: ## helm uninstall the release (the data volume goes too unless storage.keepOnUninstall)
 	@helm=$$(bash scripts/tools.sh helm) && $$helm uninstall $(RELEASE) --namespace $(NAMESPACE)
+
+##@ Load and failure
+
+LOAD_SCENARIO ?= steady
+LOAD_URL ?=
+LOCUST_USERS ?= 200
+LOCUST_SECONDS ?= 60
+
+.PHONY: loadtest
+loadtest: setup ## SLO gate: open-loop load at the target rate, then Locust users (LOAD_SCENARIO=step, LOAD_URL=...)
+	$(PY) -m loadtest run $(LOAD_SCENARIO) $(if $(LOAD_URL),--url $(LOAD_URL)) \
+	  --locust-users $(LOCUST_USERS) --locust-seconds $(LOCUST_SECONDS)
+
+.PHONY: loadtest-ui
+loadtest-ui: setup ## Locust's web UI on :8089 against LOAD_URL (default: `make serve` on PORT)
+	$(PY) -m locust -f loadtest/locustfile.py --host $(or $(LOAD_URL),http://127.0.0.1:$(PORT))
+
+.PHONY: chaos
+chaos: setup ## Kill replicas and the proxy, stop the online store, under load; exit 1 on failed requests
+	$(PY) -m loadtest chaos
+
+.PHONY: bench
+bench: setup ## Same ETA pipeline on Ray Serve (default, tuned), KServe, uvicorn, in-process (reports/bench)
+	$(PY) -m loadtest.bench

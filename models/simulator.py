@@ -12,6 +12,9 @@ publishes (the latest one at or before the order), so the features carry all of
 the signal and the noise floor is exactly the noise. `true_eta_minutes` (the
 expectation without noise) is written next to the label and is never a feature.
 
+Feed sessions, impressions and their feature snapshots come from `models.sessions`,
+drawn from their own random generator so the orders above do not depend on them.
+
 Outputs, in `--out` (the Feast offline store), one parquet file per table.
 """
 
@@ -29,6 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from models.geo import CITY, area_ids, haversine_km, offset_point
+from models.sessions import simulate_feed
 
 SNAPSHOT = pd.Timedelta(minutes=5)
 LIVE_WINDOW = pd.Timedelta(minutes=15)
@@ -43,6 +47,7 @@ CONGESTION_CAP = 3.0
 PREP_NOISE = 1.2
 TRAVEL_NOISE = 3.0
 DELIVERY_RADIUS_KM = 5.0
+SPONSORED_SHARE = 0.1  # restaurants running a sponsored campaign
 CUISINES = ("pizza", "burgers", "sushi", "indian", "thai", "mexican", "salads", "chinese", "italian", "bakery")
 
 
@@ -278,7 +283,7 @@ def simulate(cfg: SimulationConfig, out: Path) -> dict:
     rng = np.random.default_rng(cfg.seed)
     warmup_start, start, end = cfg.window()
     out.mkdir(parents=True, exist_ok=True)
-    steps = tqdm(total=6, desc="simulating city", unit="step")
+    steps = tqdm(total=7, desc="simulating city", unit="step")
 
     restaurants = simulate_restaurants(rng, cfg, warmup_start - pd.Timedelta(days=1))
     users = simulate_users(rng, cfg)
@@ -322,10 +327,16 @@ def simulate(cfg: SimulationConfig, out: Path) -> dict:
     prep_stats = prep_stats_snapshots(orders, restaurants["restaurant_id"].to_numpy(),
                                       pd.date_range(warmup_start.ceil("D"), end, freq="D"))
     steps.update()
+    # campaigns have their own generator too: sponsorship changes nothing else
+    restaurants["sponsored"] = np.random.default_rng([cfg.seed, 2]).uniform(size=len(restaurants)) < SPONSORED_SHARE
+    # the feed has its own generator: the order stream above stays identical with or without it
+    feed = simulate_feed(np.random.default_rng([cfg.seed, 1]), restaurants, users, orders, warmup_start, end,
+                         cfg.scale, DELIVERY_RADIUS_KM)
+    steps.update()
     steps.close()
 
     tables = {"restaurants": restaurants, "users": users, "couriers": couriers, "orders": orders,
-              "restaurant_load": load, "area_congestion": congestion, "restaurant_prep_stats": prep_stats}
+              "restaurant_load": load, "area_congestion": congestion, "restaurant_prep_stats": prep_stats, **feed}
     for name, table in tables.items():
         table.to_parquet(out / f"{name}.parquet", index=False)
     summary = {
@@ -334,6 +345,7 @@ def simulate(cfg: SimulationConfig, out: Path) -> dict:
         "start": start.isoformat(),
         "end": end.isoformat(),
         "rows": {name: len(table) for name, table in tables.items()},
+        "feed_positive_rate": float(feed["impressions"]["ordered"].mean()),
     }
     (out / "simulation.json").write_text(json.dumps(summary, indent=2))
     return summary

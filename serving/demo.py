@@ -50,6 +50,35 @@ def sample_requests(base: str) -> None:
         print(f"GET /v2/health/ready -> {ready.status_code} {ready.text}")
 
 
+def print_metrics() -> None:
+    """The headline figures of each model against its baseline and the simulator's truth."""
+    eta = json.loads((PROJECT_ROOT / "reports/eta/metrics.json").read_text())
+    retrieval = json.loads((PROJECT_ROOT / "reports/retrieval/metrics.json").read_text())
+    ranker = json.loads((PROJECT_ROOT / "reports/ranker/metrics.json").read_text())
+    print(f"ETA        RMSE {eta['rmse']:.2f} min | heuristic {eta['baseline_rmse']:.2f} | noise floor "
+          f"{eta['noise_floor_rmse']:.2f} | targets met: {eta['targets_met']}")
+    print(f"retrieval  recall@10 {retrieval['recall_at_10']:.3f} | popularity {retrieval['baseline_recall_at_10']:.3f}")
+    print(f"ranker     AUC {ranker['auc']:.3f} logloss {ranker['logloss']:.4f} | baseline AUC {ranker['baseline_auc']:.3f}"
+          f" | oracle logloss {ranker['oracle_logloss']:.4f} | targets met: {ranker['targets_met']}")
+
+
+def sample_feed(base: str) -> None:
+    """A feed for a sample user, printed as the app would show it."""
+    users = pd.read_parquet(PROJECT_ROOT / "data/offline/users.parquet")
+    restaurants = pd.read_parquet(PROJECT_ROOT / "data/offline/restaurants.parquet").set_index("restaurant_id")
+    user = users.iloc[0]
+    body = {"user_id": int(user.user_id), "user_lat": float(user.home_lat), "user_lon": float(user.home_lon),
+            "page_size": 10, "include_timings": True}
+    answer = httpx.post(f"{base}/v1/feed", json=body, timeout=30).json()
+    print(f"POST /v1/feed {json.dumps(body)}")
+    for i, card in enumerate(answer["cards"], 1):
+        r = restaurants.loc[card["restaurant_id"]]
+        tag = "  [sponsored]" if card["sponsored"] else ""
+        print(f"  {i:2d}. restaurant {card['restaurant_id']:4d} {r.cuisine:<8} p(order) {card['p_order']:.3f}"
+              f"  ETA {card['eta_minutes']:5.1f} min{tag}")
+    print(f"  models {answer['model_versions']}\n  stage timings (ms) {answer['timings_ms']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point (`make demo`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,13 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     banner(2, total, "feast apply, then materialize the online store (SQLite)")
     run("-m", "feature_repo.store", "apply")
     run("-m", "feature_repo.store", "materialize")
-    banner(3, total, "training, evaluating and exporting the ETA model")
-    run("-m", "models.eta.train")
-    print((PROJECT_ROOT / "reports/eta/metrics.json").read_text())
+    banner(3, total, "training, evaluating and exporting the models: ETA, retrieval (two-tower), ranker")
+    for model in ("eta", "retrieval", "ranker"):
+        run("-m", f"models.{model}.train")
+    print_metrics()
     banner(4, total, f"starting Ray Serve on {base} (log: .run/serve.log)")
     with BackgroundServer(args.port, args.metrics_port, PROJECT_ROOT / ".run/serve.log"):
         banner(5, total, "sample requests")
         sample_requests(base)
+        sample_feed(base)
         banner(6, total, f"open-loop load for {args.load_seconds} s")
         run("-m", "loadtest.demo_load", "--host", base, "--seconds", str(args.load_seconds))
         print("\nstopping Ray Serve ...")

@@ -41,6 +41,7 @@ class EtaPipeline(ServedOnnxModel):
                            project=feast_project)
         # Refuses (ArtifactError) a model whose feature service this store does not serve.
         self.features = OnlineFeatures(store, manifest.feature_service, deadline_s=feature_timeout_ms / 1000)
+        self.features.warm_up({"restaurant_id": 1, "area_id": ""})
         self.defaults = manifest.feature_defaults
         self.directory = _restaurant_directory(self.model.directory / RESTAURANT_DIRECTORY)
         self.metrics = ServingMetrics(export=export_metrics)

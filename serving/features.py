@@ -11,6 +11,7 @@ left alone for a short cool-down instead of being hammered on every request.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from typing import Any
 from feast import FeatureStore
 
 from models.artifact import ArtifactError
+
+logger = logging.getLogger("ray.serve")
 
 
 class StoreUnavailable(RuntimeError):
@@ -60,7 +63,6 @@ class OnlineFeatures:
         self.deadline_s, self.cooldown_s = deadline_s, cooldown_s
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="feast-read")
         self._down_until = 0.0
-        self._warm = False  # the first read loads the registry and opens connections: no deadline for it
         self._lock = threading.Lock()
         views = {view.name: view for view in store.list_feature_views()}
         self.ttl_seconds: dict[str, float] = {}  # on-demand views are computed per request: never stale
@@ -87,6 +89,17 @@ class OnlineFeatures:
                    for name, view in self.view_of.items()}
         return FeatureRows(columns=columns, age_seconds=ages, expired=expired)
 
+    def warm_up(self, entity: dict[str, Any]) -> None:
+        """One read without a deadline: the first loads the registry and opens connections (seconds).
+
+        Call it when the replica starts, so no request pays for it; a store that is down now only logs.
+        """
+        try:
+            self.store.get_online_features(features=self.service, entity_rows=[entity])
+        except Exception as exc:  # serving starts anyway and answers from its fallbacks
+            logger.warning("online store not readable at start-up (%s: %s); fallbacks will answer",
+                           exc.__class__.__name__, exc)
+
     def read(self, entity: dict[str, Any], now: float | None = None) -> FeatureRead:
         """Read one entity row; values past their view's TTL come back as None and are listed."""
         rows = self.read_rows([entity], now)
@@ -101,9 +114,7 @@ class OnlineFeatures:
         future = self._pool.submit(lambda: self.store.get_online_features(
             features=self.service, entity_rows=entities).to_dict(include_event_timestamps=True))
         try:
-            raw = future.result(timeout=self.deadline_s if self._warm else None)
-            self._warm = True
-            return raw
+            return future.result(timeout=self.deadline_s)
         except FutureTimeout:
             self._mark_down()
             raise StoreUnavailable(f"no answer within {self.deadline_s * 1000:.0f} ms") from None

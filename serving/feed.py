@@ -36,7 +36,7 @@ class FeedComposer:
         ids = found["restaurant_ids"]
         with self.metrics.stage("feed", "ranking_and_eta_calls", timings):
             ranked, etas = await asyncio.gather(
-                self.ranker.score.remote(*where, ids, found["lat"], found["lon"]),
+                self.ranker.score.remote(*where, ids),
                 self.eta.predict_many.remote(ids, request.user_lat, request.user_lon, when),
             )
         with self.metrics.stage("feed", "blending", timings):

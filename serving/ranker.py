@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from ray import serve
 
 from feature_repo.store import open_store
@@ -18,6 +19,8 @@ from serving.features import OnlineFeatures, StoreUnavailable
 from serving.metrics import ServingMetrics
 from serving.onnx_model import OnnxModel, ServedOnnxModel
 from serving.paths import resolve
+
+DIRECTORY_COLUMNS = ("lat", "lon", "cuisine", "price_level")
 
 
 class RankerPipeline(ServedOnnxModel):
@@ -31,12 +34,20 @@ class RankerPipeline(ServedOnnxModel):
                            project=feast_project)
         self.features = OnlineFeatures(store, self.model.manifest.feature_service,
                                        deadline_s=feature_timeout_ms / 1000)
+        self.features.warm_up({"user_id": 1, "restaurant_id": 1, "user_lat": 0.0, "user_lon": 0.0})
         self.defaults = self.model.manifest.feature_defaults
         self.metrics = ServingMetrics(export=export_metrics)
+        # restaurant_id -> place, cuisine and price at training time: what ranking needs when the store is down
+        directory = pd.read_parquet(self.model.directory / "restaurants.parquet")
+        self.directory = directory.set_index("restaurant_id")[list(DIRECTORY_COLUMNS)].to_dict("index")
+
+    def _directory_columns(self, restaurant_ids: list[int]) -> dict[str, list]:
+        rows = [self.directory.get(int(r), {}) for r in restaurant_ids]
+        return {name: [row.get(name) for row in rows] for name in DIRECTORY_COLUMNS}
 
     def score(self, user_id: int, user_lat: float, user_lon: float, request_time: float,
-              restaurant_ids: list[int], restaurant_lat: list[float], restaurant_lon: list[float]) -> dict[str, Any]:
-        """p_order per restaurant, in the order given; the places keep distance known if the store is down."""
+              restaurant_ids: list[int]) -> dict[str, Any]:
+        """p_order per restaurant, in the order given."""
         timings: dict[str, float] = {}
         n = len(restaurant_ids)
         if n == 0:
@@ -48,12 +59,12 @@ class RankerPipeline(ServedOnnxModel):
             try:
                 columns: dict[str, list] = dict(self.features.read_rows(rows).columns)
             except StoreUnavailable as exc:
-                fallback = f"online store unavailable ({exc}); ranked on request features and defaults"
+                fallback = f"online store unavailable ({exc}); ranked on the model's restaurant directory"
                 self.metrics.fallbacks.inc(tags={"endpoint": "feed", "reason": "online_store_unavailable"})
-                columns = {}
+                columns = self._directory_columns(restaurant_ids)
         with self.metrics.stage("feed", "ranking", timings):
             columns.update(restaurant_id=list(restaurant_ids), user_lat=[user_lat] * n, user_lon=[user_lon] * n,
-                           request_time=[request_time] * n, lat=list(restaurant_lat), lon=list(restaurant_lon))
+                           request_time=[request_time] * n)
             p_order = self.model.run(build_inputs(columns, self.defaults))["p_order"].reshape(-1)
         return {"p_order": np.asarray(p_order, dtype=float).tolist(), "model_version": self.model.version,
                 "fallback": fallback, "timings_ms": timings}

@@ -58,6 +58,7 @@ class RetrievalPipeline(ServedOnnxModel):
                                 project=feast_project)
         self.user_features = OnlineFeatures(self.store, self.model.manifest.feature_service,
                                             deadline_s=feature_timeout_ms / 1000)
+        self.user_features.warm_up({"user_id": 1})
         self.defaults = self.model.manifest.feature_defaults
         self.directory_max_age_s, self.radius_km = directory_max_age_s, radius_km
         self.metrics = ServingMetrics(export=export_metrics)
@@ -80,15 +81,18 @@ class RetrievalPipeline(ServedOnnxModel):
                          column("sponsored", 0).astype(bool), time.monotonic())
 
     def _fresh_directory(self) -> Directory:
-        """The directory, re-read when older than its freshness bound (kept if the store is down)."""
+        """The directory; past its freshness bound a background re-read starts (never on the request path)."""
         if time.monotonic() - self.directory.read_at > self.directory_max_age_s and self._lock.acquire(blocking=False):
-            try:
-                self.directory = self._read_directory()
-            except Exception:  # a stale directory beats no feed; the age is bounded by retries
-                logger.warning("restaurant directory refresh failed; keeping the last one", exc_info=True)
-            finally:
-                self._lock.release()
+            threading.Thread(target=self._refresh, name="directory-refresh", daemon=True).start()
         return self.directory
+
+    def _refresh(self) -> None:
+        try:
+            self.directory = self._read_directory()
+        except Exception:  # a stale directory beats no feed; the next request past the bound tries again
+            logger.warning("restaurant directory refresh failed; keeping the last one", exc_info=True)
+        finally:
+            self._lock.release()
 
     def candidates(self, user_id: int, user_lat: float, user_lon: float, request_time: float,
                    k: int) -> dict[str, Any]:
@@ -118,8 +122,6 @@ class RetrievalPipeline(ServedOnnxModel):
         return {
             "restaurant_ids": directory.ids[chosen].tolist(),
             "retrieval_scores": scores[top].tolist(),
-            "lat": directory.lat[chosen].tolist(),
-            "lon": directory.lon[chosen].tolist(),
             "sponsored": directory.sponsored[chosen].tolist(),
             "eligible": int(len(eligible)),
             "known_user": known_user,

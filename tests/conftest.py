@@ -68,13 +68,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serve_overrides(data_dir: Path, eta_artifacts: Path, retrieval_trained, ranker_trained, **more) -> list[str]:
+    """`serving.launch --set` arguments pointing the project's serve config at the test's city and models."""
+    from serving.config import load_serve_config
+
+    feed = dict(load_serve_config()["applications"][0]["args"]["feed"])
+    feed.update(retrieval_model_dir=str(retrieval_trained.current), ranker_model_dir=str(ranker_trained.current))
+    sets = {"model_dir": str(eta_artifacts / "eta" / "current"), "data_dir": str(data_dir), "feed": feed, **more}
+    return [arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+
+
 @pytest.fixture(scope="session")
-def served(tmp_path_factory, city_dir, feature_store, eta_artifacts):
+def served(tmp_path_factory, city_dir, feature_store, eta_artifacts, retrieval_trained, ranker_trained):
     """The real Ray Serve app (serving.launch with the project's serve config) on free ports."""
     from serving.launch import BackgroundServer
 
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    overrides = ["--set", f"model_dir={eta_artifacts / 'eta' / 'current'}", "--set", f"data_dir={city_dir}",
-                 "--num-cpus", "2"]
+    overrides = ["--num-cpus", "2", *serve_overrides(city_dir, eta_artifacts, retrieval_trained, ranker_trained)]
     with BackgroundServer(free_port(), free_port(), log, extra=overrides) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ranker_trained(tmp_path_factory, city_dir, feature_store):
+    """A small feed ranker trained for a few epochs on the small city through its Feast store."""
+    from models.ranker.train import TrainConfig, run
+
+    root = tmp_path_factory.mktemp("ranker")
+    result = run(city_dir, root, root / "reports", TrainConfig(epochs=3, test_days=2, validation_days=1),
+                 store=feature_store)
+    result.frames.update(data_dir=city_dir, reports=root / "reports", root=root)
+    return result
+
+
+@pytest.fixture(scope="session")
+def retrieval_trained(tmp_path_factory, city_dir, feature_store):
+    """A small two-tower retrieval model trained for a few epochs on the small city."""
+    from models.retrieval.train import TrainConfig, run
+
+    root = tmp_path_factory.mktemp("retrieval")
+    result = run(city_dir, root, root / "reports", TrainConfig(epochs=10, test_days=2, validation_days=1),
+                 store=feature_store)
+    result.frames.update(data_dir=city_dir, reports=root / "reports", root=root)
+    return result

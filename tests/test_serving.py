@@ -121,7 +121,7 @@ def test_unknown_route_and_wrong_method(client):
     assert client.get("/v1/nowhere").status_code == 404
     assert client.get("/v1/eta").status_code == 405
     assert client.post("/v2/models/eta").status_code == 405
-    assert client.get("/v2/models/ranker").status_code == 404
+    assert client.get("/v2/models/weather").status_code == 404
 
 
 def test_service_keeps_answering_after_bad_input(client, known):
@@ -252,7 +252,7 @@ class OwnRedis:
     """A redis-server of the test's own on a free port, so it can be stopped without harming anyone."""
 
     def __init__(self, workdir):
-        from tests.conftest import free_port
+        from tests.conftest import free_port, serve_overrides
 
         self.port, self.workdir, self.process = free_port(), workdir, None
 
@@ -283,13 +283,14 @@ class OwnRedis:
             self.process.wait(timeout=10)
 
 
-def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, city_summary, eta_artifacts, known):
+def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, city_summary, eta_artifacts, known,
+                                                        retrieval_trained, ranker_trained):
     """With the Redis online store down, /v1/eta answers from the fallback and says so; then recovers."""
     from datetime import datetime
 
     from feature_repo.store import apply, materialize, open_store
     from serving.launch import BackgroundServer
-    from tests.conftest import free_port
+    from tests.conftest import free_port, serve_overrides
 
     own = OwnRedis(tmp_path)
     own.start()
@@ -302,9 +303,9 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
 
     try:
         load_store()
-        overrides = ["--num-cpus", "2", "--set", f"model_dir={eta_artifacts / 'eta' / 'current'}",
-                     "--set", f"data_dir={tmp_path}", "--set", "online_store=redis",
-                     "--set", f"redis={own.address}", "--set", f"feast_project={project}"]
+        overrides = ["--num-cpus", "2", *serve_overrides(tmp_path, eta_artifacts, retrieval_trained, ranker_trained,
+                                                         online_store="redis", redis=own.address,
+                                                         feast_project=project)]
         with BackgroundServer(free_port(), free_port(), tmp_path / "serve.log", extra=overrides) as server:
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 normal = http.post("/v1/eta", json=known).json()
@@ -318,6 +319,12 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
                 assert answer["eta_minutes"] > 0 and answer["model_version"] == normal["model_version"]
                 unknown = http.post("/v1/eta", json={**known, "restaurant_id": 987654})
                 assert unknown.status_code == 404  # the fallback still knows which restaurants exist
+                feed = http.post("/v1/feed", json={"user_id": 1, "user_lat": known["delivery_lat"],
+                                                   "user_lon": known["delivery_lon"],
+                                                   "request_time": known["order_time"]})
+                assert feed.status_code == 200, feed.text
+                assert feed.json()["degraded"] is True and feed.json()["cards"]
+                assert all(card["eta_minutes"] > 0 for card in feed.json()["cards"])
 
                 own.start()
                 load_store()  # this Redis keeps nothing on disk: materialize again, as the CronJob would

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from models.retrieval.features import build_user_inputs
 from ray import serve
 
 from feature_repo.store import open_store
 from models.geo import haversine_km
+from models.retrieval.features import build_user_inputs
 from models.simulator import DELIVERY_RADIUS_KM, is_open
 from serving.features import OnlineFeatures, StoreUnavailable
 from serving.metrics import ServingMetrics

@@ -252,7 +252,7 @@ class OwnRedis:
     """A redis-server of the test's own on a free port, so it can be stopped without harming anyone."""
 
     def __init__(self, workdir):
-        from tests.conftest import free_port, serve_overrides
+        from tests.conftest import free_port
 
         self.port, self.workdir, self.process = free_port(), workdir, None
 

@@ -1,0 +1,131 @@
+"""Where the CPU goes: CPU seconds per process group of a server we started, over a run.
+
+Read from /proc (utime + stime of each process under the server's pid, and of this process,
+the load generator), grouped by role: proxy, each deployment's replicas, Ray's own daemons.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from loadtest.server import cmdline, descendants
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def role(command: str) -> str:
+    """A short role name for a process of a Courier server."""
+    name = Path(command.split(" ", 1)[0]).name
+    if name == "haproxy":
+        return "haproxy"
+    if command.startswith("ray::"):
+        title = command[5:].split(" ", 1)[0].split(".", 1)[0]
+        if "ServeReplica:" in title:
+            return "replica " + title.split("ServeReplica:", 1)[1].split(":", 1)[-1]
+        if "Proxy" in title or "PROXY" in title:
+            return "proxy"
+        if "Controller" in title or "CONTROLLER" in title:
+            return "serve controller"
+        return "ray worker/agent"
+    if name in ("raylet", "gcs_server") or "ray/" in command:
+        return "ray daemons"
+    return "server main process"
+
+
+class CpuMeter:
+    """meter = CpuMeter(server_pid); meter.start(); ...run...; meter.stop() -> {role: cpu seconds}."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.before: dict[int, tuple[str, float]] = {}
+
+    def _snapshot(self) -> dict[int, tuple[str, float]]:
+        snap: dict[int, tuple[str, float]] = {}
+        for pid in [self.server_pid, *descendants(self.server_pid)]:
+            seconds = _cpu_seconds(pid)
+            if seconds is not None:
+                argv = cmdline(pid)
+                snap[pid] = (role(" ".join(a for a in argv if a)) if pid != self.server_pid else "server main process",
+                             seconds)
+        me = os.getpid()
+        snap[me] = ("load generator", _cpu_seconds(me) or 0.0)
+        return snap
+
+    def start(self) -> None:
+        self.before = self._snapshot()
+
+    def stop(self) -> dict[str, float]:
+        after = self._snapshot()
+        used: dict[str, float] = defaultdict(float)
+        for pid, (name, seconds) in after.items():
+            used[name] += seconds - self.before.get(pid, (name, 0.0))[1]
+        return {name: round(seconds, 3) for name, seconds in sorted(used.items(), key=lambda kv: -kv[1])}
+
+
+def _system_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
+def _tree_seconds(root_pid: int | None) -> float:
+    pids = [os.getpid()] + ([root_pid, *descendants(root_pid)] if root_pid else [])
+    return sum(_cpu_seconds(pid) or 0.0 for pid in pids)
+
+
+class ForeignLoad:
+    """How busy the machine was with *other* work during a run (other people's jobs on shared cores).
+
+    foreign = all CPU busy time - CPU of this process (the load generator) and of the server tree.
+    Reported in cores; a run with more than a few tenths of a core of foreign load is noisy.
+    """
+
+    def __init__(self, server_pid: int | None = None):
+        self.server_pid = server_pid
+        self._start: tuple[float, float, float] | None = None
+
+    def start(self) -> None:
+        import time
+
+        self._start = (time.monotonic(), _system_busy_seconds(), _tree_seconds(self.server_pid))
+
+    def stop(self) -> dict[str, float]:
+        import time
+
+        assert self._start is not None, "start() first"
+        t0, busy0, ours0 = self._start
+        wall = max(time.monotonic() - t0, 1e-9)
+        busy, ours = _system_busy_seconds() - busy0, _tree_seconds(self.server_pid) - ours0
+        return {"busy_cores": round(busy / wall, 3), "ours_cores": round(ours / wall, 3),
+                "foreign_cores": round(max(busy - ours, 0.0) / wall, 3)}
+
+
+class CpuSampler:
+    """A background job for openloop.drive: every second, cores busy and cores used by other work."""
+
+    def __init__(self, server_pid: int | None = None, every_s: float = 1.0):
+        self.server_pid, self.every_s = server_pid, every_s
+        self.samples: list[dict[str, float]] = []
+
+    async def __call__(self, clock) -> None:
+        import asyncio
+
+        meter = ForeignLoad(self.server_pid)
+        meter.start()
+        while True:
+            await asyncio.sleep(self.every_s)
+            sample = meter.stop()
+            meter.start()
+            self.samples.append({"t": round(clock.now(), 3), **sample})

@@ -41,6 +41,11 @@ def log(message: str) -> None:
 def courier(config: dict[str, Any], url: str | None, name: str, sets: dict[str, Any] | None = None
             ) -> Iterator[tuple[str, ServiceProcess | None]]:
     """The URL to load: the given one, or a Courier we start now (and stop afterwards)."""
+    quiet = config.get("quiet") or {}
+    if quiet.get("max_wait_s", 0) > 0:
+        from loadtest.cpu import wait_for_quiet
+
+        wait_for_quiet(float(quiet.get("max_foreign_cores", 0.25)), float(quiet["max_wait_s"]), log=log)
     if url:
         yield url, None
         return

@@ -156,6 +156,11 @@ def bench_http(name: str, config: dict[str, Any], rates: list[float], duration_s
                slo: SLO, seed: int) -> dict[str, Any]:
     city = city_from_config(config["traffic"], seed=seed)
     endpoints = ["eta"]  # the benchmark compares the ETA pipeline only
+    quiet = config.get("quiet") or {}
+    if quiet.get("max_wait_s", 0) > 0:
+        from loadtest.cpu import wait_for_quiet
+
+        wait_for_quiet(float(quiet.get("max_foreign_cores", 0.25)), float(quiet["max_wait_s"]), log=log)
     svc, path = start_variant(name, config)
     try:
         base_requests = city.request_stream(2000, endpoints)

@@ -129,3 +129,24 @@ class CpuSampler:
             sample = meter.stop()
             meter.start()
             self.samples.append({"t": round(clock.now(), 3), **sample})
+
+
+def wait_for_quiet(max_foreign_cores: float = 0.25, max_wait_s: float = 300, window_s: float = 5.0,
+                   server_pid: int | None = None, log=print) -> dict[str, float]:
+    """Wait (up to max_wait_s) until other work uses less than max_foreign_cores; returns the last reading.
+
+    The machine is shared: measuring while someone else's job takes a core measures their job.
+    """
+    import time
+
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        meter = ForeignLoad(server_pid)
+        meter.start()
+        time.sleep(window_s)
+        reading = meter.stop()
+        if reading["foreign_cores"] <= max_foreign_cores or time.monotonic() >= deadline:
+            if reading["foreign_cores"] > max_foreign_cores:
+                log(f"machine still busy with other work ({reading['foreign_cores']} cores); measuring anyway")
+            return reading
+        log(f"waiting for a quiet machine: other work uses {reading['foreign_cores']} cores")

@@ -57,10 +57,9 @@ def eta_request(session: Session, restaurant_id: int) -> Request:
 
 
 def feed_request(session: Session) -> Request:
-    # The feed issue defines the final body; this is the natural one (who and where).
+    """The home feed: who is looking and from where (serving.schemas.FeedRequest; default page size)."""
     return Request("feed", "POST", "/v1/feed", orjson.dumps(
-        {"user_id": int(session.user_id), "delivery_lat": round(session.lat, 6),
-         "delivery_lon": round(session.lon, 6)}))
+        {"user_id": int(session.user_id), "user_lat": round(session.lat, 6), "user_lon": round(session.lon, 6)}))
 
 
 # How a session turns into requests, per endpoint: once per session, or once per restaurant.

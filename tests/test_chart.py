@@ -711,9 +711,7 @@ def test_locust_jobs_point_at_the_locustfile(render):
     """The Locust Jobs run loadtest/locustfile.py, which must exist in the repository."""
     command = only(render("loadtest"), "Job", "locust-master")["spec"]["template"]["spec"]["containers"][0]["command"]
     locustfile = ROOT / command[command.index("--locustfile") + 1]
-    if not locustfile.exists():
-        pytest.skip(f"{locustfile.relative_to(ROOT)} is not written yet: loadtest.engine=locust cannot run")
-    assert locustfile.is_file()
+    assert locustfile.is_file(), f"{locustfile.relative_to(ROOT)} is missing: loadtest.engine=locust cannot run"
 
 
 def test_image_requirements_follow_pyproject():

@@ -214,7 +214,8 @@ def drill(url: str, killer: Killer, retry: RetryPolicy) -> tuple[Records, list[F
     records = openloop.run(url, times, [Request("eta", "POST", "/v1/eta", b"{}")], retry=retry, clock=clock,
                            background=[fault_runner(faults, killer, None, log)], timeout_s=5)
     timeline = killer.replica_timeline(clock)
-    return records, log, analyze(records, log, timeline, window_s=2.0, slo_p99_ms=1000)
+    # the window covers a restart (< 3 s, asserted below) plus the 1 s retry backoff, even on a busy machine
+    return records, log, analyze(records, log, timeline, window_s=3.0, slo_p99_ms=1000)
 
 
 def test_drill_on_real_processes_retrying_client_loses_nothing(supervised, tmp_path):

@@ -158,8 +158,8 @@ undeploy: ## helm uninstall the release (the data volume goes too unless storage
 
 LOAD_SCENARIO ?= steady
 LOAD_URL ?=
-LOCUST_USERS ?= 200
-LOCUST_SECONDS ?= 60
+LOCUST_USERS ?= 45
+LOCUST_SECONDS ?= 90
 
 .PHONY: loadtest
 loadtest: setup ## SLO gate: open-loop load at the target rate, then Locust users (LOAD_SCENARIO=step, LOAD_URL=...)

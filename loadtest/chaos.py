@@ -116,7 +116,8 @@ class KubernetesKiller(Killer):
     On KubeRay, Serve replicas live inside Ray worker pods, so "kill a replica of X" deletes a
     Running pod matching `selectors[X]` (e.g. the worker group that hosts X) and "kill the
     proxy" deletes a pod matching `selectors["proxy"]` (the head pod, or the HAProxy/ingress
-    pods). Replica counts are Ready pods per selector. `core_api` is a
+    pods); `selectors["*"]` covers deployments without their own. Replica counts are Ready
+    pods per named selector. `core_api` is a
     `kubernetes.client.CoreV1Api` (or anything with the same two methods).
     """
 
@@ -134,10 +135,13 @@ class KubernetesKiller(Killer):
         return cls(client.CoreV1Api(), namespace, selectors)
 
     def _selector(self, kind: str, deployment: str | None) -> str:
+        """The deployment's own selector, else the "*" one (replicas only), else KeyError."""
         key = "proxy" if kind == "proxy" else deployment
-        if key not in self.selectors:
-            raise KeyError(f"no label selector for {key!r}; have {sorted(self.selectors)}")
-        return self.selectors[key]
+        if key in self.selectors:
+            return self.selectors[key]
+        if kind == "replica" and "*" in self.selectors:
+            return self.selectors["*"]
+        raise KeyError(f"no label selector for {key!r}; have {sorted(self.selectors)}")
 
     def _pods(self, selector: str) -> list[Any]:
         return list(self.api.list_namespaced_pod(self.namespace, label_selector=selector).items)
@@ -163,7 +167,7 @@ class KubernetesKiller(Killer):
 
     def replica_counts(self) -> dict[str, int]:
         return {name: sum(self._is_ready(p) for p in self._pods(selector))
-                for name, selector in self.selectors.items() if name != "proxy"}
+                for name, selector in self.selectors.items() if name not in ("proxy", "*")}
 
 
 # -- the online store --------------------------------------------------------------------------

@@ -9,8 +9,9 @@ restaurants in reach, with think times between requests and a pause between sess
 
 Every request's latency is kept raw (an event hook), and when Locust stops, the run is
 reported through loadtest/report.py like every other run: reports/loadtest/<name>.json + .png
-(name: COURIER_LOCUST_NAME, default "locust"). With COURIER_LOCUST_GATE=1 the SLO gate's p99
-and error-rate checks decide Locust's exit code (closed-loop runs have no target rate).
+(name: COURIER_LOCUST_NAME, default "locust"), leaving out the first COURIER_LOCUST_WARMUP_S
+seconds (users still spawning). With COURIER_LOCUST_GATE=1 the SLO gate's p99 and error-rate
+checks decide Locust's exit code (closed-loop runs have no target rate).
 """
 
 from __future__ import annotations
@@ -78,13 +79,16 @@ def _on_quit(environment, **kwargs) -> None:
         return
     records = Records.from_rows(list(_endpoints), list(_rows), wall_start=_t0[1])
     duration = float(records.finished.max()) if len(records) else 0.0
-    summary = summarize(records, window=(0.0, duration + 1e-9))
+    warmup = min(float(os.environ.get("COURIER_LOCUST_WARMUP_S", "0")), duration / 2)  # users still spawning
+    summary = summarize(records, window=(warmup, duration + 1e-9))
     slo = SLO.from_config(CONFIG)
     gate = check(summary, slo, None)
     name = os.environ.get("COURIER_LOCUST_NAME", "locust")
     users = environment.parsed_options.num_users if environment.parsed_options else None
-    paths = write_run_report(name, summary, records, slo={**slo.as_dict(), "target_rate": None,
-                                                          "gated": os.environ.get("COURIER_LOCUST_GATE") == "1"},
+    windows = [{"start": 0.0, "end": warmup, "label": "spawning users"}] if warmup else []
+    paths = write_run_report(name, summary, records, windows=windows,
+                             slo={**slo.as_dict(), "target_rate": None,
+                                  "gated": os.environ.get("COURIER_LOCUST_GATE") == "1"},
                              extra={"closed_loop": True, "users": users, "think_time_s": THINK,
                                     "session_pause_s": PAUSE, "time_scale": SCALE, "gate": gate.as_dict(),
                                     "endpoints_in_mix": TRAFFIC["endpoints"], "host": environment.host})
@@ -99,6 +103,10 @@ class AppUser(FastHttpUser):
     """One person with the app open: sessions of one feed and a few ETA checks."""
 
     wait_time = between(PAUSE[0] * SCALE, PAUSE[1] * SCALE)  # between sessions
+
+    def on_start(self) -> None:
+        """People do not all open the app in the same second: spread the first sessions out."""
+        gevent.sleep(random.uniform(0, PAUSE[1] * SCALE))
 
     @task
     def session(self) -> None:

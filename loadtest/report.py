@@ -246,9 +246,11 @@ def plot_run(path: Path, title: str, series: dict[str, list], *, offered: dict[s
     if replicas:
         ax = axes[2]
         deployments = sorted({d for sample in replicas for d in sample["counts"]})
-        rt = [s["t"] for s in replicas]
+        end = max(float(t.max()) if len(t) else 0.0, replicas[-1]["t"])  # the last count lasts to the end
+        rt = [s["t"] for s in replicas] + [end]
         for dep in deployments:
-            ax.step(rt, [s["counts"].get(dep, 0) for s in replicas], where="post", label=dep)
+            counts = [s["counts"].get(dep, 0) for s in replicas]
+            ax.step(rt, counts + counts[-1:], where="post", label=dep)
         ax.set_ylabel("running replicas")
         ax.set_ylim(bottom=0)
     for ax in axes:
@@ -261,6 +263,8 @@ def plot_run(path: Path, title: str, series: dict[str, list], *, offered: dict[s
     for event in events:
         axes[0].annotate(event["label"], (event["t"], 1), xycoords=("data", "axes fraction"), rotation=90,
                          fontsize=7, va="top", ha="right")
+    if len(t):  # replica events before the run (start-up) are in the JSON, not in the picture
+        axes[-1].set_xlim(min(-2.0, float(t.min()) - 2), float(t.max()) + 2)
     axes[-1].set_xlabel("seconds since start")
     fig.savefig(path, dpi=110)
     plt.close(fig)

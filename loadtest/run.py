@@ -100,10 +100,12 @@ def run_open(url: str, spec: dict[str, Any], city: City, endpoints: list[str], *
 def sweep(url: str, rates: Sequence[float], duration_s: float, warmup_s: float, city: City, endpoints: list[str],
           slo: SLO, *, stop_after_failures: int = 2, refine: int = 2, pause_s: float = 2.0,
           arrival: str = "poisson", seed: int = 0, log=print, server_pid: int | None = None,
-          max_foreign_cores: float = 0.3, noisy_retries: int = 3, noisy_wait_s: float = 20.0) -> dict[str, Any]:
+          max_foreign_cores: float = 0.3, noisy_retries: int = 3, noisy_wait_s: float = 20.0,
+          min_rate: float = 5.0) -> dict[str, Any]:
     """Open-loop runs at increasing rates; the highest rate that meets the SLO is the capacity.
 
-    After the ascending pass, `refine` bisection steps between the last pass and the first fail.
+    After the ascending pass, `refine` bisection steps between the last pass and the first fail;
+    when even the lowest rate fails, the rate is halved (down to `min_rate`) until one passes.
     A point that fails while other work took more than `max_foreign_cores` of the shared
     machine is measured again (up to `noisy_retries` times, after a pause).
     """
@@ -125,7 +127,9 @@ def sweep(url: str, rates: Sequence[float], duration_s: float, warmup_s: float, 
                  "p95_ms": s["p95_ms"], "p99_ms": s["p99_ms"], "max_ms": s["max_ms"], "errors": s["errors"],
                  "error_rate": s["error_rate"], "requests": s["requests"],
                  "generator_lag_p99_ms": s["generator_lag_p99_ms"], "passed": result.gate.passed,
-                 "reasons": result.gate.reasons, "cpu": s["cpu"], "attempts": attempt + 1}
+                 "reasons": result.gate.reasons, "cpu": s["cpu"], "attempts": attempt + 1,
+                 "endpoints": {name: {"p50_ms": e["p50_ms"], "p99_ms": e["p99_ms"], "errors": e["errors"]}
+                               for name, e in s["endpoints"].items()}}
         points.append(point)
         log(f"  {rate:8.1f} req/s: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, answered {s['achieved_rate']}/s, "
             f"errors {s['errors']}, cores busy {s['cpu']['busy_cores']} (other work {s['cpu']['foreign_cores']}) "
@@ -143,6 +147,11 @@ def sweep(url: str, rates: Sequence[float], duration_s: float, warmup_s: float, 
                 break
     failing_above = [p["offered_rate"] for p in points if not p["passed"] and (best is None or p["offered_rate"] > best)]
     low, high = best, (min(failing_above) if failing_above else None)
+    while low is None and high is not None and high / 2 >= min_rate:  # even the lowest rate failed: halve it
+        if measure(round(high / 2, 1)):
+            low = round(high / 2, 1)
+        else:
+            high = round(high / 2, 1)
     for _ in range(refine if (low is not None and high is not None) else 0):
         mid = round((low + high) / 2, 1)
         if mid in (low, high):

@@ -10,6 +10,7 @@ that group only: nothing here kills by name, and `ray stop` is never used.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -62,15 +63,21 @@ class ServiceProcess:
     @classmethod
     def courier(cls, port: int | None = None, *, metrics_port: int | None = None,
                 sets: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None,
-                config: Path | None = None, log_path: Path | None = None, timeout_s: float = 240) -> ServiceProcess:
-        """Courier's Ray Serve app through `serving.launch` (ready at its COURIER READY line)."""
+                config: Path | None = None, log_path: Path | None = None, timeout_s: float = 240,
+                ray_defaults: bool = False) -> ServiceProcess:
+        """Courier's Ray Serve app through `serving.launch` (ready at its COURIER READY line).
+
+        `ray_defaults` leaves out Courier's Ray settings (serving/ray_env.yaml).
+        """
         port = port or free_port()
         argv = [sys.executable, "-m", "serving.launch", "--port", str(port),
                 "--metrics-port", str(metrics_port or free_port())]
         if config is not None:
             argv += ["--config", str(config)]
+        if ray_defaults:
+            argv.append("--ray-defaults")
         for key, value in (sets or {}).items():
-            argv += ["--set", f"{key}={'null' if value is None else value}"]
+            argv += ["--set", f"{key}={json.dumps(value)}"]  # JSON is YAML: nested settings survive
         return cls(argv, url=f"http://127.0.0.1:{port}", ready_line=COURIER_READY, env=env,
                    timeout_s=timeout_s, log_path=log_path, name="courier")
 
@@ -147,6 +154,19 @@ class ServiceProcess:
             self.proc.wait(10)
         if self._reader is not None:
             self._reader.join(5)
+
+    @staticmethod
+    def start_with_retries(factory, attempts: int = 3) -> ServiceProcess:
+        """Start factory() (a fresh ServiceProcess, on fresh free ports); again if a port was taken meanwhile."""
+        for attempt in range(attempts):
+            svc = factory()
+            try:
+                return svc.start()
+            except RuntimeError as exc:
+                text = str(exc).lower()
+                if attempt + 1 == attempts or not ("bind" in text or "address already in use" in text):
+                    raise
+        raise AssertionError("unreachable")
 
     def __enter__(self) -> Self:
         return self.start()

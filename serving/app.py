@@ -24,6 +24,15 @@ class FeedArgs(BaseModel):
     sponsored: SponsoredPolicy = Field(default_factory=SponsoredPolicy)
 
 
+class EtaBatching(BaseModel):
+    """`@serve.batch` on `/v1/eta`: requests in flight together share one feature read and ONNX call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, gt=0, le=256, description="Most requests answered by one call.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="Longest wait for a batch to fill.")
+
+
 class AppArgs(BaseModel):
     """The `args` of the application in the serve config; unknown keys are refused."""
 
@@ -36,15 +45,24 @@ class AppArgs(BaseModel):
     feast_project: str | None = Field(None, description="Override the Feast project name (tests keep apart with it).")
     feature_timeout_ms: float = Field(100, gt=0, description="A feature read slower than this counts as a store outage.")
     max_body_bytes: int = Field(65536, gt=0, description="Larger request bodies get a 413.")
+    eta_in_ingress: bool = Field(True, description="Answer /v1/eta in the Ingress replica (one hop fewer); "
+                                 "false: through the EtaModel deployment. The feed always uses EtaModel.")
+    eta_batching: EtaBatching | None = Field(None, description="Batch /v1/eta across requests in EtaModel "
+                                             "(with eta_in_ingress false); null: one by one.")
     feed: FeedArgs | None = Field(None, description="The feed's models and policy; null serves ETA only.")
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Ingress -> EtaModel (and, with a feed, Retrieval and Ranker); options come from the serve config."""
+    """Ingress -> EtaModel (and, with a feed, Retrieval and Ranker); options come from the serve config.
+
+    With `eta_in_ingress` the Ingress also holds the ETA pipeline and answers /v1/eta itself:
+    on two cores the extra replica hop cost more CPU than the model (docs/benchmarks.md).
+    """
     settings = AppArgs.model_validate(args or {})
     store = dict(online_store=settings.online_store, data_dir=settings.data_dir, redis=settings.redis,
                  feast_project=settings.feast_project, feature_timeout_ms=settings.feature_timeout_ms)
-    models = {"eta": EtaModel.bind(settings.model_dir, **store)}
+    batching = settings.eta_batching.model_dump() if settings.eta_batching else None
+    models = {"eta": EtaModel.bind(settings.model_dir, batching=batching, **store)}
     feed = None
     if settings.feed is not None:
         from serving.ranker import (
@@ -56,4 +74,5 @@ def build_app(args: dict[str, Any]) -> Application:
                                               directory_max_age_s=settings.feed.directory_max_age_s, **store)
         models["ranker"] = Ranker.bind(settings.feed.ranker_model_dir, **store)
         feed = {"candidates": settings.feed.candidates, "sponsored": settings.feed.sponsored.model_dump()}
-    return Ingress.bind(models, settings.max_body_bytes, feed)
+    local_eta = {"model_dir": settings.model_dir, **store} if settings.eta_in_ingress else None
+    return Ingress.bind(models, settings.max_body_bytes, feed, local_eta)

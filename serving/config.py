@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from ray.serve.schema import ServeDeploySchema
 
 from serving.paths import PROJECT_ROOT
 
+if TYPE_CHECKING:  # importing Ray reads its environment: serving.launch sets ray_env.yaml first
+    from ray.serve.schema import ServeDeploySchema
+
 SERVE_CONFIG = PROJECT_ROOT / "serving" / "serve_config.yaml"
+RAY_ENV = PROJECT_ROOT / "serving" / "ray_env.yaml"
+
+
+def load_ray_env(path: Path = RAY_ENV) -> dict[str, str]:
+    """Courier's Ray process settings (serving/ray_env.yaml) as environment variables."""
+    settings = yaml.safe_load(Path(path).read_text()) or {}
+    bad = [key for key, value in settings.items() if not isinstance(value, str)]
+    if bad:
+        raise ValueError(f"{path}: quote the values of {bad} (environment variables are strings)")
+    return settings
+
+
+def apply_ray_env(environ: MutableMapping[str, str] = os.environ, path: Path = RAY_ENV) -> dict[str, str]:
+    """Set each Ray setting the environment does not set yet (an explicit value wins); returns the effective ones.
+
+    Call it before Ray is imported: Ray reads these when its modules load and its processes start.
+    """
+    for key, value in load_ray_env(path).items():
+        environ.setdefault(key, value)
+    return {key: environ[key] for key in load_ray_env(path)}
 
 
 def load_serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
@@ -37,4 +61,6 @@ def with_overrides(config: dict[str, Any], port: int | None = None, host: str | 
 
 def validate(config: dict[str, Any]) -> ServeDeploySchema:
     """Ray Serve's own schema check (what KubeRay's serveConfigV2 must also pass)."""
+    from ray.serve.schema import ServeDeploySchema
+
     return ServeDeploySchema.model_validate(config)

@@ -34,7 +34,8 @@ class EtaPipeline(ServedOnnxModel):
 
     def __init__(self, model_dir: str, online_store: str = "sqlite", data_dir: str | None = None,
                  redis: str | None = None, feast_project: str | None = None, feature_timeout_ms: float = 100,
-                 export_metrics: bool = False):
+                 export_metrics: bool = False, metrics: ServingMetrics | None = None):
+        """`metrics`: the host's own ServingMetrics (one per process), else one of our own."""
         self.model = OnnxModel(resolve(model_dir))
         manifest = self.model.manifest
         store = open_store(online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis,
@@ -44,40 +45,59 @@ class EtaPipeline(ServedOnnxModel):
         self.features.warm_up({"restaurant_id": 1, "area_id": ""})
         self.defaults = manifest.feature_defaults
         self.directory = _restaurant_directory(self.model.directory / RESTAURANT_DIRECTORY)
-        self.metrics = ServingMetrics(export=export_metrics)
+        self.metrics = metrics or ServingMetrics(export=export_metrics)
         logger.info("EtaModel %s serving with feature service %s (%s online store)",
                     manifest.version, manifest.feature_service, online_store)
 
     def predict(self, request: EtaRequest) -> dict[str, Any]:
         """ETA for one validated request; falls back to the artifact's directory if the store is down."""
-        area = geo.area_id(request.delivery_lat, request.delivery_lon)
-        entity = {"restaurant_id": request.restaurant_id, "area_id": area}
+        answer = self.predict_batch([request])[0]
+        if isinstance(answer, NotFound):
+            raise answer
+        return answer
+
+    def predict_batch(self, requests: list[EtaRequest]) -> list[dict[str, Any] | NotFound]:
+        """ETAs of several `/v1/eta` requests in one feature read and one ONNX call.
+
+        Each answer is that request's response body, or a NotFound for an unknown restaurant
+        (for its own caller only). When the store is down the artifact's directory answers.
+        """
+        areas = [geo.area_id(r.delivery_lat, r.delivery_lon) for r in requests]
         fallback = None
         try:
             with self.metrics.stage("eta", "feature_read"):
-                read = self.features.read(entity)
-            values, ages, expired = read.values, read.age_seconds, read.expired
-            if values.get("lat") is None:
-                raise NotFound(f"restaurant_id: {request.restaurant_id} is not a known restaurant",
-                               field="restaurant_id", rule="must be a restaurant on the marketplace")
+                rows = self.features.read_rows([{"restaurant_id": r.restaurant_id, "area_id": area}
+                                                for r, area in zip(requests, areas)])
+            columns, ages, expired = rows.columns, rows.age_seconds, rows.expired
         except StoreUnavailable as exc:
             fallback = f"online store unavailable ({exc}); used the model's restaurant directory and typical live features"
-            self.metrics.fallbacks.inc(tags={"endpoint": "eta", "reason": "online_store_unavailable"})
-            values, ages, expired = self._directory_features(request.restaurant_id), {}, []
-        columns = {name: [value] for name, value in values.items()}
-        columns.update(delivery_lat=[request.delivery_lat], delivery_lon=[request.delivery_lon],
-                       order_time=[request.order_time_utc().timestamp()], area_id=[area])
+            self.metrics.fallbacks.inc(len(requests), tags={"endpoint": "eta", "reason": "online_store_unavailable"})
+            located = [self.directory.get(r.restaurant_id, (None, None)) for r in requests]
+            columns, ages, expired = {"lat": [p[0] for p in located], "lon": [p[1] for p in located]}, {}, {}
+        known = [i for i, lat in enumerate(columns["lat"]) if lat is not None]
+        answers: list[dict[str, Any] | NotFound] = [_unknown_restaurant(r, fallback is not None) if lat is None else {}
+                                                    for r, lat in zip(requests, columns["lat"])]
+        if not known:
+            return answers
+        batch = {name: [values[i] for i in known] for name, values in columns.items()}
+        batch.update(delivery_lat=[requests[i].delivery_lat for i in known],
+                     delivery_lon=[requests[i].delivery_lon for i in known],
+                     order_time=[requests[i].order_time_utc().timestamp() for i in known],
+                     area_id=[areas[i] for i in known])
         with self.metrics.stage("eta", "inference"):
-            eta = float(self.model.run(build_inputs(columns, self.defaults))["eta_minutes"].reshape(-1)[0])
-        return {
-            "eta_minutes": round(eta, 2),
-            "model_version": self.model.version,
-            "feature_service": self.model.manifest.feature_service,
-            "feature_age_seconds": {view: None if age is None else round(age, 1) for view, age in ages.items()},
-            "expired_features": expired,
-            "degraded": fallback is not None,
-            "fallback": fallback,
-        }
+            minutes = self.model.run(build_inputs(batch, self.defaults))["eta_minutes"].reshape(-1)
+        for i, eta in zip(known, minutes):
+            answers[i] = {
+                "eta_minutes": round(float(eta), 2),
+                "model_version": self.model.version,
+                "feature_service": self.model.manifest.feature_service,
+                "feature_age_seconds": {view: None if row[i] is None else round(row[i], 1)
+                                        for view, row in ages.items()},
+                "expired_features": sorted(view for view, flags in expired.items() if flags[i]),
+                "degraded": fallback is not None,
+                "fallback": fallback,
+            }
+        return answers
 
     def predict_many(self, restaurant_ids: list[int], delivery_lat: float, delivery_lon: float,
                      order_time: float) -> dict[str, Any]:
@@ -108,22 +128,41 @@ class EtaPipeline(ServedOnnxModel):
                 etas[i] = round(float(value), 2)
         return {"eta_minutes": etas, "model_version": self.model.version, "fallback": fallback}
 
-    def _directory_features(self, restaurant_id: int) -> dict[str, Any]:
-        """Static features from the artifact when the store is down; live ones take their defaults."""
-        location = self.directory.get(restaurant_id)
-        if location is None:
-            raise NotFound(f"restaurant_id: {restaurant_id} is not a known restaurant (online store unavailable; "
-                           "checked the model's restaurant directory)", field="restaurant_id",
-                           rule="must be a restaurant on the marketplace")
-        return {"lat": location[0], "lon": location[1]}
-
 
 @serve.deployment(name="EtaModel")
 class EtaModel(EtaPipeline):
-    """The ETA pipeline as a Ray Serve deployment, exporting its metrics to Prometheus."""
+    """The ETA pipeline as a Ray Serve deployment, exporting its metrics to Prometheus.
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    With `batching` (the serve config's `eta_batching`), `/v1/eta` requests in flight together
+    are answered by one `predict_batch` call (`@serve.batch`); without it, one by one.
+    """
+
+    def __init__(self, *args: Any, batching: dict[str, float] | None = None, **kwargs: Any):
         super().__init__(*args, export_metrics=True, **kwargs)
+        self.batching = batching is not None
+        if batching:
+            self._predict_batched.set_max_batch_size(int(batching["max_batch_size"]))
+            self._predict_batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
+
+    async def eta(self, request: EtaRequest) -> dict[str, Any]:
+        """The answer to one `/v1/eta` request (batched with others in flight when configured)."""
+        if not self.batching:
+            return self.predict(request)
+        answer = await self._predict_batched(request)
+        if isinstance(answer, NotFound):
+            raise answer
+        return answer
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _predict_batched(self, requests: list[EtaRequest]) -> list[dict[str, Any] | NotFound]:
+        return self.predict_batch(requests)
+
+
+def _unknown_restaurant(request: EtaRequest, store_down: bool) -> NotFound:
+    """The 404 for a restaurant that neither the store (or, when it is down, the directory) knows."""
+    where = " (online store unavailable; checked the model's restaurant directory)" if store_down else ""
+    return NotFound(f"restaurant_id: {request.restaurant_id} is not a known restaurant{where}",
+                    field="restaurant_id", rule="must be a restaurant on the marketplace")
 
 
 def _restaurant_directory(path: Path) -> dict[int, tuple[float, float]]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
@@ -44,14 +45,20 @@ class Ingress:
     """Routes requests to the model deployments; owns every 4xx decision."""
 
     def __init__(self, models: dict[str, DeploymentHandle], max_body_bytes: int = 65536,
-                 feed: dict[str, Any] | None = None):
+                 feed: dict[str, Any] | None = None, local_eta: dict[str, Any] | None = None):
         """`models` maps Open Inference Protocol names to deployments ("eta", and with the feed
-        "ranker" and "user_tower"); `feed` holds the feed's candidate count and sponsored policy."""
+        "ranker" and "user_tower"); `feed` holds the feed's candidate count and sponsored policy;
+        `local_eta` (EtaPipeline arguments) makes this replica answer /v1/eta itself."""
         self.models = models
         self.max_body_bytes = max_body_bytes
         self.specs: dict[str, list[dict[str, Any]]] = {}  # input specs, fetched once per model
         self.metadata: dict[str, dict[str, Any]] = {}
         self.metrics = ServingMetrics()
+        self.eta = None
+        if local_eta is not None:
+            from serving.eta import EtaPipeline  # the same code the EtaModel deployment runs
+
+            self.eta = EtaPipeline(**local_eta, metrics=self.metrics)
         self.feed = None
         if feed is not None:
             self.feed = FeedComposer(models["user_tower"], models["ranker"], models["eta"],
@@ -66,7 +73,9 @@ class Ingress:
         except CourierError as exc:
             self.metrics.rejected.inc(tags={"endpoint": endpoint, "status": str(exc.status)})
             return json_response(exc.body(), exc.status)
-        except (BackPressureError, DeploymentUnavailableError) as exc:
+        except (BackPressureError, DeploymentUnavailableError, RayActorError, ActorUnavailableError) as exc:
+            # Full queues, or a model replica that died under this request: every route is a pure
+            # read, so the client's retry (to a live replica) is safe.
             self.metrics.rejected.inc(tags={"endpoint": endpoint, "status": "503"})
             return json_response({"error": f"overloaded or restarting, retry with backoff: {exc.__class__.__name__}"},
                                  503)
@@ -110,7 +119,10 @@ class Ingress:
         with self.metrics.stage("eta", "total", timings):
             with self.metrics.stage("eta", "parse", timings):
                 eta_request = parse_eta_request(await self._body(request))
-            answer = await self.models["eta"].predict.remote(eta_request)
+            if self.eta is not None:
+                answer = self.eta.predict(eta_request)
+            else:
+                answer = await self.models["eta"].eta.remote(eta_request)
         return json_response(answer)
 
     async def _feed(self, request: Request) -> Response:

@@ -2,8 +2,9 @@
 
     python -m serving.launch [--port 8000] [--metrics-port 8080] [--set online_store=redis]
 
-It does what `serve run serving/serve_config.yaml` does, plus the overrides and a fixed
-Prometheus port, and it stops every Ray process it started when it exits.
+It does what `serve run serving/serve_config.yaml` does, plus the overrides, a fixed
+Prometheus port and Courier's Ray process settings (serving/ray_env.yaml), and it stops every
+Ray process it started when it exits.
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from serving.config import SERVE_CONFIG, load_serve_config, validate, with_overrides
+from serving.config import SERVE_CONFIG, apply_ray_env, load_serve_config, validate, with_overrides
 from serving.paths import PROJECT_ROOT
 
 READY_LINE = "COURIER READY"
@@ -35,6 +39,31 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
             raise SystemExit(f"--set takes key=value, got {pair!r}")
         args[key] = yaml.safe_load(value)
     return args
+
+
+def isolate_haproxy(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Give this instance's HAProxy its own files and ports, so several can run on one machine.
+
+    Ray's defaults (/tmp/haproxy-serve, stats port 8404, fallback proxy port 8500...) are fixed,
+    so a second local instance (a test's own server, a benchmark) would fail to start. Values
+    already in the environment are kept.
+    """
+    if environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return
+    run_dir = Path(tempfile.mkdtemp(prefix="courier-haproxy-"))
+    files = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
+    for key, name in files.items():
+        environ.setdefault(key, str(run_dir / name) if name else str(run_dir))
+    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+        environ.setdefault(key, str(_free_port()))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_until_running(app_names: list[str], timeout_s: float) -> None:
@@ -145,11 +174,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an app arg")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for the app to be RUNNING")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    parser.add_argument("--ray-defaults", action="store_true",
+                        help="leave out serving/ray_env.yaml: Ray's own defaults (benchmark variant (a))")
     args = parser.parse_args(argv)
     config = with_overrides(load_serve_config(args.config), port=args.port, args=parse_sets(args.set))
     if args.print_config:
         print(yaml.safe_dump(config, sort_keys=False))
         return
+    if "ray" in sys.modules:  # Ray read its settings when it was imported: too late to apply ray_env.yaml
+        raise SystemExit("serving.launch: Ray was imported before the Ray settings were applied")
+    ray_env = {} if args.ray_defaults else apply_ray_env()
+    isolate_haproxy()
+    print(f"Ray settings (serving/ray_env.yaml): {ray_env or 'none, Ray defaults'}", flush=True)
     try:
         run(config, args.metrics_port, args.num_cpus, args.timeout)
     except (RuntimeError, TimeoutError) as exc:

@@ -349,6 +349,11 @@ def test_kubernetes_killer_picks_running_pods_by_label_and_deletes_without_grace
     assert all(ns == "courier" for ns, _ in api.selectors_seen)
     with pytest.raises(KeyError):
         killer.targets("replica", "Feed")
+    fallback = KubernetesKiller(api, "courier", {"*": workers, "proxy": head})
+    assert [t.ident for t in fallback.targets("replica", "Ranker")] == ["w-1", "w-4"]
+    assert fallback.replica_counts() == {}
+    with pytest.raises(KeyError):
+        KubernetesKiller(api, "courier", {"*": workers}).targets("proxy")
     empty = KubernetesKiller(FakeCoreApi({}), "courier", {"EtaModel": workers})
     with pytest.raises(RuntimeError):
         empty.pick("replica", "EtaModel", random.Random(0))

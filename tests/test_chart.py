@@ -249,12 +249,13 @@ def test_unknown_deployment_override_fails(render_error):
 
 
 def test_packaged_chart_carries_the_serve_config(helm, tmp_path):
-    """helm package follows the symlink, so a packaged (or pushed) chart has the real file."""
+    """helm package follows the symlinks, so a packaged (or pushed) chart has the real files."""
     out = _helm(helm, "package", str(CHART), "-d", str(tmp_path))
     assert out.returncode == 0, out.stderr
     with tarfile.open(next(tmp_path.glob("courier-*.tgz"))) as tgz:
-        member = tgz.extractfile("courier/files/serve_config.yaml")
-        assert member.read() == (ROOT / "serving" / "serve_config.yaml").read_bytes()
+        for name in ("serve_config.yaml", "ray_env.yaml"):
+            member = tgz.extractfile(f"courier/files/{name}")
+            assert member.read() == (ROOT / "serving" / name).read_bytes()
 
 
 # --- 3. toggles add and remove what they should -------------------------------------------------
@@ -424,15 +425,27 @@ def test_image_reference_precedence(render):
 
 
 def test_ray_settings_precedence(render):
-    """ray.*.rayStartParams override the chart's start parameters; serve.env reaches every Ray container."""
+    """ray.*.rayStartParams override the chart's start parameters; every Ray container gets the Ray
+    settings that run locally (serving/ray_env.yaml), each replaceable by a serve.env entry."""
+    from serving.config import load_ray_env
+
+    shipped = load_ray_env()
+    assert shipped, "serving/ray_env.yaml ships no settings"
     objects = render("defaults", 'ray.worker.rayStartParams={"object-store-memory": "1000000000"}',
-                     'serve.env=[{"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"}]')
+                     'serve.env=[{"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "0"}, {"name": "EXTRA", "value": "x"}]')
     cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]
     assert cluster["workerGroupSpecs"][0]["rayStartParams"] == {"metrics-export-port": "8080",
                                                                 "object-store-memory": "1000000000"}
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     for _, _, spec in pod_specs(only(objects, "RayService")):
-        assert env_of(spec["containers"][0])["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        names = [e["name"] for e in spec["containers"][0]["env"]]
+        assert len(names) == len(set(names)), f"an env var is set twice: {names}"
+        env = env_of(spec["containers"][0])
+        assert {k: env[k] for k in shipped} == {**shipped, "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+        assert env["EXTRA"] == "x"
+    for _, _, spec in pod_specs(only(render("defaults"), "RayService")):
+        env = env_of(spec["containers"][0])
+        assert {k: env.get(k) for k in shipped} == shipped  # the same settings as `make serve`
 
 
 def test_worker_replica_bounds_are_checked(render_error):

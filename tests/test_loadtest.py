@@ -123,6 +123,19 @@ def test_the_driver_is_open_loop_and_counts_time_behind_a_slow_server():
     assert concurrent.max() >= 10  # a closed loop of one would never have more than one in flight
 
 
+def test_the_capacity_sweep_finds_a_single_servers_limit_even_below_the_lowest_rate(small_city):
+    """A server answering one request at a time in 10 ms holds < 100 req/s; the sweep, started above
+    that, halves the rate until one holds, then bisects: the capacity lies between 25 and 100 req/s."""
+    from loadtest.run import sweep
+
+    with stub({"COURIER_STUB_SERVICE_MS": "10"}) as single:
+        result = sweep(single.url, [200, 400], 3.0, 0.5, small_city, ["eta"], SLO(p99_ms=100), refine=1,
+                       pause_s=0.2, noisy_retries=0, log=lambda _: None)
+    assert not any(p["passed"] for p in result["points"] if p["offered_rate"] >= 200)
+    assert result["capacity_rate"] is not None and 25 <= result["capacity_rate"] < 100, result
+    assert result["first_failing_rate"] <= 100
+
+
 def test_connection_errors_are_recorded_and_retried_once_with_backoff():
     port = free_port()  # nobody listens: every attempt is refused
     times = arrival_times([Stage(0.5, 20)], "constant")
@@ -259,3 +272,32 @@ def test_locust_smoke_run_reports_raw_latencies(served, city_dir, tmp_path):
     assert report["endpoints_in_mix"] == config["traffic"]["endpoints"]
     for suffix in (".json", ".png", ".npz"):
         report_path.with_suffix(suffix).unlink()
+
+
+# -- the side-by-side benchmark's variants ---------------------------------------------------------
+
+def test_bench_variants_differ_from_the_shipped_config_only_as_stated():
+    """(a) drops every deployment option; (b) is the shipped config; all run ETA only, at fixed replicas."""
+    from loadtest.bench import (
+        ETA_ONLY,
+        fixed_replicas,
+        ray_default_config,
+        with_deployment_overrides,
+    )
+    from serving.config import load_serve_config, validate
+
+    shipped = load_serve_config()
+    eta_only = with_deployment_overrides(shipped, ETA_ONLY)
+    names = [d["name"] for d in eta_only["applications"][0]["deployments"]]
+    assert names == ["Ingress", "EtaModel"]
+    default = ray_default_config(eta_only)
+    assert all(set(d) == {"name"} for d in default["applications"][0]["deployments"])
+    assert set(default["http_options"]) <= {"host", "port"}
+    pinned = fixed_replicas(eta_only)
+    for before, after in zip(eta_only["applications"][0]["deployments"], pinned["applications"][0]["deployments"]):
+        assert "autoscaling_config" not in after
+        assert after["num_replicas"] == before["autoscaling_config"]["min_replicas"]
+        assert {k: v for k, v in after.items() if k != "num_replicas"} == \
+               {k: v for k, v in before.items() if k != "autoscaling_config"}
+    for config in (default, pinned):
+        validate(config)

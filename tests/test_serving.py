@@ -285,7 +285,10 @@ class OwnRedis:
 
 def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, city_summary, eta_artifacts, known,
                                                         retrieval_trained, ranker_trained):
-    """With the Redis online store down, /v1/eta answers from the fallback and says so; then recovers."""
+    """With the Redis online store down, /v1/eta answers from the fallback and says so; then recovers.
+
+    This server answers /v1/eta through the EtaModel deployment with `@serve.batch` on (the
+    shipped config answers it in the Ingress), so both paths run under Ray Serve in the suite."""
     from datetime import datetime
 
     from feature_repo.store import apply, materialize, open_store
@@ -305,11 +308,16 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
         load_store()
         overrides = ["--num-cpus", "2", *serve_overrides(tmp_path, eta_artifacts, retrieval_trained, ranker_trained,
                                                          online_store="redis", redis=own.address,
-                                                         feast_project=project)]
+                                                         feast_project=project, eta_in_ingress=False,
+                                                         eta_batching={"max_batch_size": 8,
+                                                                       "batch_wait_timeout_s": 0.005})]
         with BackgroundServer(free_port(), free_port(), tmp_path / "serve.log", extra=overrides) as server:
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 normal = http.post("/v1/eta", json=known).json()
                 assert normal["degraded"] is False, normal
+                together = asyncio.run(_post_together(server.url, [known, {**known, "restaurant_id": 987654}] * 4))
+                assert [r.status_code for r in together] == [200, 404] * 4  # a batch fails only its unknown one
+                assert {r.json()["eta_minutes"] for r in together[::2]} == {normal["eta_minutes"]}
 
                 own.stop()
                 during = http.post("/v1/eta", json=known)
@@ -333,3 +341,32 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
                 assert after["eta_minutes"] == pytest.approx(normal["eta_minutes"], abs=0.01)
     finally:
         own.stop()
+
+
+async def _post_together(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    """POST /v1/eta bodies concurrently, so that they are in flight together."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        return await asyncio.gather(*(http.post("/v1/eta", json=body) for body in bodies))
+
+
+def test_a_batch_of_eta_requests_gets_the_answers_of_one_at_a_time(eta_artifacts, city_dir, known):
+    """Cross-request batching (`eta_batching`) answers each request as if it came alone; an unknown
+    restaurant fails only its own request."""
+    from serving.errors import NotFound
+    from serving.eta import EtaPipeline
+    from serving.schemas import parse_eta_request
+
+    pipeline = EtaPipeline(str(eta_artifacts / "eta" / "current"), "sqlite", str(city_dir))
+    requests = [parse_eta_request(json.dumps({**known, "restaurant_id": rid, "delivery_lat": known["delivery_lat"] + d}).encode())
+                for rid, d in [(1, 0.0), (2, 0.01), (known["restaurant_id"], -0.01), (999_999, 0.0), (3, 0.02)]]
+    batched = pipeline.predict_batch(requests)
+    assert isinstance(batched[3], NotFound) and "999999" in str(batched[3])
+    for request, answer in zip(requests, batched):
+        if request.restaurant_id == 999_999:
+            with pytest.raises(NotFound):
+                pipeline.predict(request)
+            continue
+        alone = pipeline.predict(request)
+        assert answer["eta_minutes"] == pytest.approx(alone["eta_minutes"], abs=0.011)
+        assert answer["feature_service"] == alone["feature_service"] and not answer["degraded"]
+    assert len({a["eta_minutes"] for a in batched if isinstance(a, dict)}) > 1  # not one answer copied

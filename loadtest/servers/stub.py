@@ -2,6 +2,7 @@
 
     COURIER_STUB_DELAY_MS=150 uvicorn loadtest.servers.stub:app --port 8390      # a slow server
     COURIER_STUB_ERROR_RATE=0.05 uvicorn loadtest.servers.stub:app --port 8390   # a failing one
+    COURIER_STUB_SERVICE_MS=10 uvicorn loadtest.servers.stub:app --port 8390     # one at a time: 100/s at most
 
 Answers every POST with an ETA-shaped JSON body after COURIER_STUB_DELAY_MS (non-blocking, so
 requests overlap as on a real server), fails a COURIER_STUB_ERROR_RATE share of them with
@@ -19,6 +20,8 @@ DELAY_S = float(os.environ.get("COURIER_STUB_DELAY_MS", "0")) / 1000.0
 ERROR_RATE = float(os.environ.get("COURIER_STUB_ERROR_RATE", "0"))
 ERROR_STATUS = int(os.environ.get("COURIER_STUB_ERROR_STATUS", "500"))
 DEGRADED = os.environ.get("COURIER_STUB_DEGRADED") == "1"
+SERVICE_S = float(os.environ.get("COURIER_STUB_SERVICE_MS", "0")) / 1000.0  # a single server: a known capacity
+_one_at_a_time = asyncio.Lock()
 OK_BODY = b'{"eta_minutes":21.5,"model_version":"stub","degraded":' + (b"true" if DEGRADED else b"false") + b"}"
 _random = random.Random(0)
 
@@ -38,6 +41,9 @@ async def app(scope, receive, send) -> None:
         more = message.get("more_body", False)
     if DELAY_S:
         await asyncio.sleep(DELAY_S)
+    if SERVICE_S:
+        async with _one_at_a_time:
+            await asyncio.sleep(SERVICE_S)
     status, body = 200, OK_BODY
     if scope["method"] == "POST" and ERROR_RATE and _random.random() < ERROR_RATE:
         status, body = ERROR_STATUS, b'{"error":"stub failure"}'

@@ -193,6 +193,34 @@ settings applied, then the user's overrides. Precedence: values > cluster settin
 {{- toYaml $cfg }}
 {{- end }}
 
+{{/*
+Ray's process settings: serving/ray_env.yaml (files/ray_env.yaml links to it), each one replaced
+by an entry of serve.env with the same name; serve.env's other entries follow.
+*/}}
+{{- define "courier.rayEnv" -}}
+{{- $raw := .Files.Get "files/ray_env.yaml" }}
+{{- if not $raw }}
+{{- fail "files/ray_env.yaml is missing or empty: it must be a symlink to serving/ray_env.yaml (helm follows it)" }}
+{{- end }}
+{{- $shipped := fromYaml $raw }}
+{{- if hasKey $shipped "Error" }}
+{{- fail (printf "files/ray_env.yaml is not valid YAML: %s" $shipped.Error) }}
+{{- end }}
+{{- $overridden := dict }}
+{{- range .Values.serve.env }}
+{{- $_ := set $overridden .name true }}
+{{- end }}
+{{- range $name := keys $shipped | sortAlpha }}
+{{- if not (hasKey $overridden $name) }}
+- name: {{ $name }}
+  value: {{ get $shipped $name | toString | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.serve.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{/* Job names carry a hash of their pod spec: an upgrade that changes the spec runs a new Job
      (Job templates are immutable), an upgrade that does not leaves the finished one alone. */}}
 {{- define "courier.jobName" -}}

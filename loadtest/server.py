@@ -23,16 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
+from serving.launch import READY_LINE, free_port
 from serving.paths import PROJECT_ROOT
-
-COURIER_READY = "COURIER READY"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(host: str, port: int, timeout_s: float) -> None:
@@ -78,7 +70,7 @@ class ServiceProcess:
             argv.append("--ray-defaults")
         for key, value in (sets or {}).items():
             argv += ["--set", f"{key}={json.dumps(value)}"]  # JSON is YAML: nested settings survive
-        return cls(argv, url=f"http://127.0.0.1:{port}", ready_line=COURIER_READY, env=env,
+        return cls(argv, url=f"http://127.0.0.1:{port}", ready_line=READY_LINE, env=env,
                    timeout_s=timeout_s, log_path=log_path, name="courier")
 
     @classmethod

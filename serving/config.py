@@ -33,9 +33,7 @@ def apply_ray_env(environ: MutableMapping[str, str] = os.environ, path: Path = R
 
     Call it before Ray is imported: Ray reads these when its modules load and its processes start.
     """
-    for key, value in load_ray_env(path).items():
-        environ.setdefault(key, value)
-    return {key: environ[key] for key in load_ray_env(path)}
+    return {key: environ.setdefault(key, value) for key, value in load_ray_env(path).items()}
 
 
 def load_serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Inference Protocol endpoints.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,41 +63,27 @@ class EtaPipeline(ServedOnnxModel):
         Each answer is that request's response body, or a NotFound for an unknown restaurant
         (for its own caller only). When the store is down the artifact's directory answers.
         """
-        areas = [geo.area_id(r.delivery_lat, r.delivery_lon) for r in requests]
-        fallback = None
-        try:
-            with self.metrics.stage("eta", "feature_read"):
-                rows = self.features.read_rows([{"restaurant_id": r.restaurant_id, "area_id": area}
-                                                for r, area in zip(requests, areas)])
-            columns, ages, expired = rows.columns, rows.age_seconds, rows.expired
-        except StoreUnavailable as exc:
-            fallback = f"online store unavailable ({exc}); used the model's restaurant directory and typical live features"
+        estimate = self._estimate([r.restaurant_id for r in requests], [r.delivery_lat for r in requests],
+                                  [r.delivery_lon for r in requests],
+                                  [r.order_time_utc().timestamp() for r in requests], endpoint="eta")
+        fallback = estimate.fallback and f"{estimate.fallback}; used the model's restaurant directory and typical live features"
+        if fallback:  # one degraded answer per request
             self.metrics.fallbacks.inc(len(requests), tags={"endpoint": "eta", "reason": "online_store_unavailable"})
-            located = [self.directory.get(r.restaurant_id, (None, None)) for r in requests]
-            columns, ages, expired = {"lat": [p[0] for p in located], "lon": [p[1] for p in located]}, {}, {}
-        known = [i for i, lat in enumerate(columns["lat"]) if lat is not None]
-        answers: list[dict[str, Any] | NotFound] = [_unknown_restaurant(r, fallback is not None) if lat is None else {}
-                                                    for r, lat in zip(requests, columns["lat"])]
-        if not known:
-            return answers
-        batch = {name: [values[i] for i in known] for name, values in columns.items()}
-        batch.update(delivery_lat=[requests[i].delivery_lat for i in known],
-                     delivery_lon=[requests[i].delivery_lon for i in known],
-                     order_time=[requests[i].order_time_utc().timestamp() for i in known],
-                     area_id=[areas[i] for i in known])
-        with self.metrics.stage("eta", "inference"):
-            minutes = self.model.run(build_inputs(batch, self.defaults))["eta_minutes"].reshape(-1)
-        for i, eta in zip(known, minutes):
-            answers[i] = {
-                "eta_minutes": round(float(eta), 2),
+        answers: list[dict[str, Any] | NotFound] = []
+        for i, (request, eta) in enumerate(zip(requests, estimate.minutes)):
+            if eta is None:
+                answers.append(_unknown_restaurant(request, fallback is not None))
+                continue
+            answers.append({
+                "eta_minutes": eta,
                 "model_version": self.model.version,
                 "feature_service": self.model.manifest.feature_service,
                 "feature_age_seconds": {view: None if row[i] is None else round(row[i], 1)
-                                        for view, row in ages.items()},
-                "expired_features": sorted(view for view, flags in expired.items() if flags[i]),
+                                        for view, row in estimate.ages.items()},
+                "expired_features": sorted(view for view, flags in estimate.expired.items() if flags[i]),
                 "degraded": fallback is not None,
                 "fallback": fallback,
-            }
+            })
         return answers
 
     def predict_many(self, restaurant_ids: list[int], delivery_lat: float, delivery_lon: float,
@@ -105,28 +92,49 @@ class EtaPipeline(ServedOnnxModel):
 
         Unknown restaurants get None; when the store is down the directory and defaults are used.
         """
-        area = geo.area_id(delivery_lat, delivery_lon)
+        n = len(restaurant_ids)
+        estimate = self._estimate([int(r) for r in restaurant_ids], [delivery_lat] * n, [delivery_lon] * n,
+                                  [order_time] * n, endpoint="feed")
+        if estimate.fallback:  # one degraded answer: the feed's
+            self.metrics.fallbacks.inc(tags={"endpoint": "feed_eta", "reason": "online_store_unavailable"})
+        return {"eta_minutes": estimate.minutes, "model_version": self.model.version, "fallback": estimate.fallback}
+
+    def _estimate(self, restaurant_ids: list[int], delivery_lats: list[float], delivery_lons: list[float],
+                  order_times: list[float], endpoint: str) -> _Estimate:
+        """Minutes for each (restaurant, drop-off, time) row: one feature read, one ONNX call; None if unknown."""
+        areas = [geo.area_id(lat, lon) for lat, lon in zip(delivery_lats, delivery_lons)]
+        stage = "" if endpoint == "eta" else "eta_"  # the feed's stages name the model they time
         fallback = None
         try:
-            with self.metrics.stage("feed", "eta_feature_read"):
-                rows = self.features.read_rows([{"restaurant_id": int(r), "area_id": area} for r in restaurant_ids])
-            columns = rows.columns
+            with self.metrics.stage(endpoint, f"{stage}feature_read"):
+                rows = self.features.read_rows([{"restaurant_id": r, "area_id": area}
+                                                for r, area in zip(restaurant_ids, areas)])
+            columns, ages, expired = rows.columns, rows.age_seconds, rows.expired
         except StoreUnavailable as exc:
             fallback = f"online store unavailable ({exc})"
-            self.metrics.fallbacks.inc(tags={"endpoint": "feed_eta", "reason": "online_store_unavailable"})
-            located = [self.directory.get(int(r), (None, None)) for r in restaurant_ids]
-            columns = {"lat": [p[0] for p in located], "lon": [p[1] for p in located]}
+            located = [self.directory.get(r, (None, None)) for r in restaurant_ids]
+            columns, ages, expired = {"lat": [p[0] for p in located], "lon": [p[1] for p in located]}, {}, {}
         known = [i for i, lat in enumerate(columns["lat"]) if lat is not None]
-        etas: list[float | None] = [None] * len(restaurant_ids)
+        minutes: list[float | None] = [None] * len(restaurant_ids)
         if known:
             batch = {name: [values[i] for i in known] for name, values in columns.items()}
-            batch.update(delivery_lat=[delivery_lat] * len(known), delivery_lon=[delivery_lon] * len(known),
-                         order_time=[order_time] * len(known), area_id=[area] * len(known))
-            with self.metrics.stage("feed", "eta_inference"):
-                minutes = self.model.run(build_inputs(batch, self.defaults))["eta_minutes"].reshape(-1)
-            for i, value in zip(known, minutes):
-                etas[i] = round(float(value), 2)
-        return {"eta_minutes": etas, "model_version": self.model.version, "fallback": fallback}
+            batch.update(delivery_lat=[delivery_lats[i] for i in known], delivery_lon=[delivery_lons[i] for i in known],
+                         order_time=[order_times[i] for i in known], area_id=[areas[i] for i in known])
+            with self.metrics.stage(endpoint, f"{stage}inference"):
+                predicted = self.model.run(build_inputs(batch, self.defaults))["eta_minutes"].reshape(-1)
+            for i, value in zip(known, predicted):
+                minutes[i] = round(float(value), 2)
+        return _Estimate(minutes, ages, expired, fallback)
+
+
+@dataclass
+class _Estimate:
+    """What one batched ETA call found: minutes per row (None: unknown restaurant) and how fresh."""
+
+    minutes: list[float | None]
+    ages: dict[str, list[float | None]]  # per view, per row (empty when the store was down)
+    expired: dict[str, list[bool]]
+    fallback: str | None  # why the store was not used, or None
 
 
 @serve.deployment(name="EtaModel")

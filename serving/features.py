@@ -75,6 +75,10 @@ class OnlineFeatures:
 
     def read_rows(self, entities: list[dict[str, Any]], now: float | None = None) -> FeatureRows:
         """Read many entity rows in one call; values past their view's TTL come back as None."""
+        if not entities:  # Feast fails on an empty read, which would mark a healthy store down
+            views = set(self.view_of.values())
+            return FeatureRows(columns={name: [] for name in self.view_of}, age_seconds={v: [] for v in views},
+                               expired={v: [] for v in views})
         raw = self._fetch(entities)
         now = time.time() if now is None else now
         ages: dict[str, list[float | None]] = {}

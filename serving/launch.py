@@ -57,10 +57,11 @@ def isolate_haproxy(environ: MutableMapping[str, str] = os.environ) -> None:
         environ.setdefault(key, str(run_dir / name) if name else str(run_dir))
     for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
-        environ.setdefault(key, str(_free_port()))
+        environ.setdefault(key, str(free_port()))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -10,6 +10,7 @@ import pytest
 
 from feature_repo.store import apply, materialize, open_store
 from models.simulator import SimulationConfig, simulate
+from serving.launch import free_port  # tests import it from here
 
 # A fixed end keeps the small city identical from run to run (the simulator is deterministic).
 CITY_END = "2026-11-20T12:00:00"
@@ -57,15 +58,6 @@ def eta_trained(tmp_path_factory, city_dir, feature_store):
 def eta_artifacts(eta_trained) -> Path:
     """The artifact root of the small model (with eta/current)."""
     return eta_trained.frames["root"]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_overrides(data_dir: Path, eta_artifacts: Path, retrieval_trained, ranker_trained, **more) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -373,7 +372,6 @@ def test_kubernetes_store_outage_scales_redis_to_zero_and_back():
 
 # -- the online store outage, on a real redis-server ---------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_local_redis_outage_stops_and_restarts_with_the_data(tmp_path):
     import redis
 

@@ -343,6 +343,17 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
         own.stop()
 
 
+def test_an_empty_feature_read_answers_empty_and_leaves_the_store_up(eta_artifacts, city_dir, known):
+    """No candidates (nothing open nearby) is not a store failure: the next read still goes to the store."""
+    from serving.eta import EtaPipeline
+    from serving.schemas import parse_eta_request
+
+    pipeline = EtaPipeline(str(eta_artifacts / "eta" / "current"), "sqlite", str(city_dir))
+    assert pipeline.predict_many([], known["delivery_lat"], known["delivery_lon"], 1.7e9) == {
+        "eta_minutes": [], "model_version": pipeline.model.version, "fallback": None}
+    assert pipeline.predict(parse_eta_request(json.dumps(known).encode()))["degraded"] is False
+
+
 async def _post_together(url: str, bodies: list[dict]) -> list[httpx.Response]:
     """POST /v1/eta bodies concurrently, so that they are in flight together."""
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:

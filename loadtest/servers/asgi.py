@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from loadtest.pipeline import handle_eta, load_pipeline
+from loadtest.servers import lifespan
 
 PIPELINE = load_pipeline()
 READY = Response(b'{"ready":true}', media_type="application/json")
@@ -19,13 +20,7 @@ READY = Response(b'{"ready":true}', media_type="application/json")
 
 async def app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await lifespan(receive, send)
     request = Request(scope, receive)
     if request.url.path == "/v1/eta" and request.method == "POST":
         status, body = handle_eta(PIPELINE, await request.body())

@@ -16,6 +16,8 @@ import asyncio
 import os
 import random
 
+from loadtest.servers import lifespan
+
 DELAY_S = float(os.environ.get("COURIER_STUB_DELAY_MS", "0")) / 1000.0
 ERROR_RATE = float(os.environ.get("COURIER_STUB_ERROR_RATE", "0"))
 ERROR_STATUS = int(os.environ.get("COURIER_STUB_ERROR_STATUS", "500"))
@@ -28,13 +30,7 @@ _random = random.Random(0)
 
 async def app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await lifespan(receive, send)
     more = True
     while more:
         message = await receive()

@@ -158,7 +158,7 @@ undeploy: ## helm uninstall the release (the data volume goes too unless storage
 
 LOAD_SCENARIO ?= steady
 LOAD_URL ?=
-LOCUST_USERS ?= 45
+LOCUST_USERS ?= 400
 LOCUST_SECONDS ?= 90
 
 .PHONY: loadtest

@@ -107,9 +107,11 @@ def sweep(url: str, rates: Sequence[float], duration_s: float, warmup_s: float, 
     After the ascending pass, `refine` bisection steps between the last pass and the first fail;
     when even the lowest rate fails, the rate is halved (down to `min_rate`) until one passes.
     A point that fails while other work took more than `max_foreign_cores` of the shared
-    machine is measured again (up to `noisy_retries` times, after a pause).
+    machine is measured again (up to `noisy_retries` times, after a pause). A server we did not
+    start (no `server_pid`) counts as other work, so its points are not measured again.
     """
     points: list[dict[str, Any]] = []
+    noisy_retries = noisy_retries if server_pid is not None else 0
 
     def measure(rate: float) -> bool:
         spec = {"rate": rate, "duration_s": duration_s + warmup_s, "warmup_s": warmup_s, "arrival": arrival}

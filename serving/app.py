@@ -21,6 +21,8 @@ class FeedArgs(BaseModel):
     ranker_model_dir: str = Field("artifacts/ranker/current", description="Ranker artifact.")
     candidates: int = Field(100, gt=0, le=1000, description="Candidates retrieved and ranked per request.")
     directory_max_age_s: float = Field(60, gt=0, description="Freshness bound of the cached restaurant directory.")
+    feature_cache_s: float = Field(5, ge=0, description="Ranker and EtaModel reuse a feature row read less than "
+                                   "this long ago (0: read the store every time).")
     sponsored: SponsoredPolicy = Field(default_factory=SponsoredPolicy)
 
 
@@ -62,7 +64,8 @@ def build_app(args: dict[str, Any]) -> Application:
     store = dict(online_store=settings.online_store, data_dir=settings.data_dir, redis=settings.redis,
                  feast_project=settings.feast_project, feature_timeout_ms=settings.feature_timeout_ms)
     batching = settings.eta_batching.model_dump() if settings.eta_batching else None
-    models = {"eta": EtaModel.bind(settings.model_dir, batching=batching, **store)}
+    cache = {"feature_cache_s": settings.feed.feature_cache_s} if settings.feed else {}
+    models = {"eta": EtaModel.bind(settings.model_dir, batching=batching, **store, **cache)}
     feed = None
     if settings.feed is not None:
         from serving.ranker import (
@@ -72,7 +75,7 @@ def build_app(args: dict[str, Any]) -> Application:
 
         models["user_tower"] = Retrieval.bind(settings.feed.retrieval_model_dir,
                                               directory_max_age_s=settings.feed.directory_max_age_s, **store)
-        models["ranker"] = Ranker.bind(settings.feed.ranker_model_dir, **store)
+        models["ranker"] = Ranker.bind(settings.feed.ranker_model_dir, **store, **cache)
         feed = {"candidates": settings.feed.candidates, "sponsored": settings.feed.sponsored.model_dump()}
     local_eta = {"model_dir": settings.model_dir, **store} if settings.eta_in_ingress else None
     return Ingress.bind(models, settings.max_body_bytes, feed, local_eta)

@@ -20,7 +20,7 @@ from feature_repo.store import open_store
 from models import geo
 from models.eta.features import build_inputs
 from serving.errors import NotFound
-from serving.features import OnlineFeatures, StoreUnavailable
+from serving.features import FeatureRows, OnlineFeatures, StoreUnavailable
 from serving.metrics import ServingMetrics
 from serving.onnx_model import OnnxModel, ServedOnnxModel
 from serving.paths import resolve
@@ -35,14 +35,18 @@ class EtaPipeline(ServedOnnxModel):
 
     def __init__(self, model_dir: str, online_store: str = "sqlite", data_dir: str | None = None,
                  redis: str | None = None, feast_project: str | None = None, feature_timeout_ms: float = 100,
-                 export_metrics: bool = False, metrics: ServingMetrics | None = None):
-        """`metrics`: the host's own ServingMetrics (one per process), else one of our own."""
+                 export_metrics: bool = False, metrics: ServingMetrics | None = None, feature_cache_s: float = 0):
+        """`metrics`: the host's own ServingMetrics (one per process), else one of our own.
+
+        `feature_cache_s`: reuse a feature row read less than this long ago (0: read every time).
+        """
         self.model = OnnxModel(resolve(model_dir))
         manifest = self.model.manifest
         store = open_store(online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis,
                            project=feast_project)
         # Refuses (ArtifactError) a model whose feature service this store does not serve.
-        self.features = OnlineFeatures(store, manifest.feature_service, deadline_s=feature_timeout_ms / 1000)
+        self.features = OnlineFeatures(store, manifest.feature_service, deadline_s=feature_timeout_ms / 1000,
+                                       cache_s=feature_cache_s)
         self.features.warm_up({"restaurant_id": 1, "area_id": ""})
         self.defaults = manifest.feature_defaults
         self.directory = _restaurant_directory(self.model.directory / RESTAURANT_DIRECTORY)
@@ -63,9 +67,18 @@ class EtaPipeline(ServedOnnxModel):
         Each answer is that request's response body, or a NotFound for an unknown restaurant
         (for its own caller only). When the store is down the artifact's directory answers.
         """
-        estimate = self._estimate([r.restaurant_id for r in requests], [r.delivery_lat for r in requests],
-                                  [r.delivery_lon for r in requests],
-                                  [r.order_time_utc().timestamp() for r in requests], endpoint="eta")
+        rows = self._rows_of(requests)
+        return self._answers(requests, self._estimate(rows, self._read(rows, "eta"), "eta"))
+
+    async def predict_async(self, request: EtaRequest) -> dict[str, Any]:
+        """`predict` for an event loop (the Ingress): it awaits the feature read instead of blocking on it."""
+        rows = self._rows_of([request])
+        answer = self._answers([request], self._estimate(rows, await self._read_async(rows, "eta"), "eta"))[0]
+        if isinstance(answer, NotFound):
+            raise answer
+        return answer
+
+    def _answers(self, requests: list[EtaRequest], estimate: _Estimate) -> list[dict[str, Any] | NotFound]:
         fallback = estimate.fallback and f"{estimate.fallback}; used the model's restaurant directory and typical live features"
         if fallback:  # one degraded answer per request
             self.metrics.fallbacks.inc(len(requests), tags={"endpoint": "eta", "reason": "online_store_unavailable"})
@@ -93,38 +106,75 @@ class EtaPipeline(ServedOnnxModel):
         Unknown restaurants get None; when the store is down the directory and defaults are used.
         """
         n = len(restaurant_ids)
-        estimate = self._estimate([int(r) for r in restaurant_ids], [delivery_lat] * n, [delivery_lon] * n,
-                                  [order_time] * n, endpoint="feed")
+        rows = _Rows([int(r) for r in restaurant_ids], [delivery_lat] * n, [delivery_lon] * n, [order_time] * n,
+                     [geo.area_id(delivery_lat, delivery_lon)] * n)
+        estimate = self._estimate(rows, self._read(rows, "feed"), "feed")
         if estimate.fallback:  # one degraded answer: the feed's
             self.metrics.fallbacks.inc(tags={"endpoint": "feed_eta", "reason": "online_store_unavailable"})
         return {"eta_minutes": estimate.minutes, "model_version": self.model.version, "fallback": estimate.fallback}
 
-    def _estimate(self, restaurant_ids: list[int], delivery_lats: list[float], delivery_lons: list[float],
-                  order_times: list[float], endpoint: str) -> _Estimate:
-        """Minutes for each (restaurant, drop-off, time) row: one feature read, one ONNX call; None if unknown."""
-        areas = [geo.area_id(lat, lon) for lat, lon in zip(delivery_lats, delivery_lons)]
-        stage = "" if endpoint == "eta" else "eta_"  # the feed's stages name the model they time
+    @staticmethod
+    def _rows_of(requests: list[EtaRequest]) -> _Rows:
+        return _Rows([r.restaurant_id for r in requests], [r.delivery_lat for r in requests],
+                     [r.delivery_lon for r in requests], [r.order_time_utc().timestamp() for r in requests],
+                     [geo.area_id(r.delivery_lat, r.delivery_lon) for r in requests])
+
+    def _read(self, rows: _Rows, endpoint: str) -> FeatureRows | StoreUnavailable:
+        """The features of every row in one store read, or why the store could not answer."""
+        with self.metrics.stage(endpoint, _stage(endpoint, "feature_read")):
+            try:
+                return self.features.read_rows(rows.entities())
+            except StoreUnavailable as exc:
+                return exc
+
+    async def _read_async(self, rows: _Rows, endpoint: str) -> FeatureRows | StoreUnavailable:
+        with self.metrics.stage(endpoint, _stage(endpoint, "feature_read")):
+            try:
+                return await self.features.read_rows_async(rows.entities())
+            except StoreUnavailable as exc:
+                return exc
+
+    def _estimate(self, rows: _Rows, read: FeatureRows | StoreUnavailable, endpoint: str) -> _Estimate:
+        """Minutes for each (restaurant, drop-off, time) row from one read: one ONNX call; None if unknown."""
         fallback = None
-        try:
-            with self.metrics.stage(endpoint, f"{stage}feature_read"):
-                rows = self.features.read_rows([{"restaurant_id": r, "area_id": area}
-                                                for r, area in zip(restaurant_ids, areas)])
-            columns, ages, expired = rows.columns, rows.age_seconds, rows.expired
-        except StoreUnavailable as exc:
-            fallback = f"online store unavailable ({exc})"
-            located = [self.directory.get(r, (None, None)) for r in restaurant_ids]
+        if isinstance(read, StoreUnavailable):
+            fallback = f"online store unavailable ({read})"
+            located = [self.directory.get(r, (None, None)) for r in rows.restaurant_ids]
             columns, ages, expired = {"lat": [p[0] for p in located], "lon": [p[1] for p in located]}, {}, {}
+        else:
+            columns, ages, expired = read.columns, read.age_seconds, read.expired
         known = [i for i, lat in enumerate(columns["lat"]) if lat is not None]
-        minutes: list[float | None] = [None] * len(restaurant_ids)
+        minutes: list[float | None] = [None] * len(rows.restaurant_ids)
         if known:
             batch = {name: [values[i] for i in known] for name, values in columns.items()}
-            batch.update(delivery_lat=[delivery_lats[i] for i in known], delivery_lon=[delivery_lons[i] for i in known],
-                         order_time=[order_times[i] for i in known], area_id=[areas[i] for i in known])
-            with self.metrics.stage(endpoint, f"{stage}inference"):
+            batch.update(delivery_lat=[rows.delivery_lats[i] for i in known],
+                         delivery_lon=[rows.delivery_lons[i] for i in known],
+                         order_time=[rows.order_times[i] for i in known], area_id=[rows.areas[i] for i in known])
+            with self.metrics.stage(endpoint, _stage(endpoint, "inference")):
                 predicted = self.model.run(build_inputs(batch, self.defaults))["eta_minutes"].reshape(-1)
             for i, value in zip(known, predicted):
                 minutes[i] = round(float(value), 2)
         return _Estimate(minutes, ages, expired, fallback)
+
+
+def _stage(endpoint: str, name: str) -> str:
+    """The feed's stages name the model they time (eta_feature_read); /v1/eta's do not need to."""
+    return name if endpoint == "eta" else f"eta_{name}"
+
+
+@dataclass
+class _Rows:
+    """The (restaurant, drop-off, time) rows of one batched ETA call, with each drop-off's area."""
+
+    restaurant_ids: list[int]
+    delivery_lats: list[float]
+    delivery_lons: list[float]
+    order_times: list[float]
+    areas: list[str]
+
+    def entities(self) -> list[dict[str, Any]]:
+        """Feast entity rows for eta_v1."""
+        return [{"restaurant_id": r, "area_id": a} for r, a in zip(self.restaurant_ids, self.areas)]
 
 
 @dataclass

@@ -120,7 +120,7 @@ class Ingress:
             with self.metrics.stage("eta", "parse", timings):
                 eta_request = parse_eta_request(await self._body(request))
             if self.eta is not None:
-                answer = self.eta.predict(eta_request)
+                answer = await self.eta.predict_async(eta_request)
             else:
                 answer = await self.models["eta"].eta.remote(eta_request)
         return json_response(answer)

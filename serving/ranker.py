@@ -28,12 +28,13 @@ class RankerPipeline(ServedOnnxModel):
 
     def __init__(self, model_dir: str, online_store: str = "sqlite", data_dir: str | None = None,
                  redis: str | None = None, feast_project: str | None = None, feature_timeout_ms: float = 100,
-                 export_metrics: bool = False):
+                 export_metrics: bool = False, feature_cache_s: float = 0):
+        """`feature_cache_s`: reuse a (user or restaurant) feature row read less than this long ago."""
         self.model = OnnxModel(resolve(model_dir))
         store = open_store(online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis,
                            project=feast_project)
         self.features = OnlineFeatures(store, self.model.manifest.feature_service,
-                                       deadline_s=feature_timeout_ms / 1000)
+                                       deadline_s=feature_timeout_ms / 1000, cache_s=feature_cache_s)
         self.features.warm_up({"user_id": 1, "restaurant_id": 1, "user_lat": 0.0, "user_lon": 0.0})
         self.defaults = self.model.manifest.feature_defaults
         self.metrics = ServingMetrics(export=export_metrics)
@@ -47,7 +48,7 @@ class RankerPipeline(ServedOnnxModel):
 
     def score(self, user_id: int, user_lat: float, user_lon: float, request_time: float,
               restaurant_ids: list[int]) -> dict[str, Any]:
-        """p_order per restaurant, in the order given."""
+        """p_order per restaurant, in the order given; feature TTLs are judged at `request_time`."""
         timings: dict[str, float] = {}
         n = len(restaurant_ids)
         if n == 0:
@@ -57,7 +58,7 @@ class RankerPipeline(ServedOnnxModel):
             rows = [{"user_id": int(user_id), "restaurant_id": int(r), "user_lat": user_lat, "user_lon": user_lon}
                     for r in restaurant_ids]
             try:
-                columns: dict[str, list] = dict(self.features.read_rows(rows).columns)
+                columns: dict[str, list] = dict(self.features.read_rows(rows, now=request_time).columns)
             except StoreUnavailable as exc:
                 fallback = f"online store unavailable ({exc}); ranked on the model's restaurant directory"
                 self.metrics.fallbacks.inc(tags={"endpoint": "feed", "reason": "online_store_unavailable"})

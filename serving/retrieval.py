@@ -106,7 +106,8 @@ class RetrievalPipeline(ServedOnnxModel):
         fallback = None
         with self.metrics.stage("feed", "user_features", timings):
             try:
-                values = self.user_features.read({"user_id": int(user_id)}).values
+                # freshness judged at the feed's time, as the training join judged it at each impression's
+                values = self.user_features.read({"user_id": int(user_id)}, now=request_time).values
             except StoreUnavailable as exc:
                 fallback = f"online store unavailable ({exc}); user treated as new"
                 self.metrics.fallbacks.inc(tags={"endpoint": "feed", "reason": "online_store_unavailable"})

@@ -53,7 +53,8 @@ class FeedRequest(BaseModel):
     user_lat: float = Field(ge=-90, le=90, description="Where the user is (the drop-off), latitude.")
     user_lon: float = Field(ge=-180, le=180, description="Where the user is (the drop-off), longitude.")
     page_size: int = Field(default=20, ge=1, le=50, description="Cards on the page.")
-    request_time: datetime | None = Field(default=None, description="ISO 8601; default now; naive means UTC.")
+    request_time: datetime | None = Field(default=None, description="ISO 8601; default now; naive means UTC. "
+                                          "Opening hours and feature freshness (TTLs) are judged at this time.")
     include_timings: bool = Field(default=False, description="Add per-stage latency (ms) to the response.")
 
     def request_time_utc(self) -> datetime:

@@ -60,12 +60,14 @@ def eta_artifacts(eta_trained) -> Path:
     return eta_trained.frames["root"]
 
 
-def serve_overrides(data_dir: Path, eta_artifacts: Path, retrieval_trained, ranker_trained, **more) -> list[str]:
+def serve_overrides(data_dir: Path, eta_artifacts: Path, retrieval_trained, ranker_trained,
+                    feed_args: dict | None = None, **more) -> list[str]:
     """`serving.launch --set` arguments pointing the project's serve config at the test's city and models."""
     from serving.config import load_serve_config
 
     feed = dict(load_serve_config()["applications"][0]["args"]["feed"])
-    feed.update(retrieval_model_dir=str(retrieval_trained.current), ranker_model_dir=str(ranker_trained.current))
+    feed.update(retrieval_model_dir=str(retrieval_trained.current), ranker_model_dir=str(ranker_trained.current),
+                **(feed_args or {}))
     sets = {"model_dir": str(eta_artifacts / "eta" / "current"), "data_dir": str(data_dir), "feed": feed, **more}
     return [arg for key, value in sets.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
 

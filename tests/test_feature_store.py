@@ -1,5 +1,6 @@
 """The feature store: point-in-time training sets, offline/online consistency, SQLite and Redis."""
 
+import time
 import uuid
 from datetime import datetime
 
@@ -107,3 +108,57 @@ def test_a_model_needing_an_unknown_feature_service_is_refused(feature_store):
     """Serving cannot feed a model trained on a service the store lacks, and says so."""
     with pytest.raises(ArtifactError, match="eta_v9.*does not serve"):
         OnlineFeatures(feature_store, "eta_v9")
+
+
+def _ranker_rows(city_dir, n: int = 100) -> list[dict]:
+    """A feed's entity rows: one known user at home, n restaurants, plus an unknown restaurant and user."""
+    users = pd.read_parquet(city_dir / "offline" / "users.parquet")
+    restaurants = pd.read_parquet(city_dir / "offline" / "restaurants.parquet")["restaurant_id"].tolist()
+    user = users.iloc[0]
+    place = {"user_lat": float(user["home_lat"]), "user_lon": float(user["home_lon"])}
+    rows = [{"user_id": int(user["user_id"]), "restaurant_id": int(restaurants[i % len(restaurants)]), **place}
+            for i in range(n)]
+    return rows + [{**rows[0], "restaurant_id": 987654}, {**rows[-1], "user_id": 10**9}]
+
+
+def test_reading_each_entity_once_gives_feasts_answer(feature_store, city_dir, city_summary):
+    """read_rows (one Feast call per entity + the on-demand view run locally) == Feast's service call."""
+    rows = _ranker_rows(city_dir)
+    reader = OnlineFeatures(feature_store, "ranker_v1", deadline_s=10)
+    assert set(reader.reads) == {("user_id",), ("restaurant_id",)}  # two calls, not one per view or per row
+    ours = reader.read_rows(rows, now=pd.Timestamp(city_summary["end"]).timestamp()).columns
+    feast = feature_store.get_online_features(features=reader.service, entity_rows=rows).to_dict()
+    assert set(ours) == set(reader.view_of) and len(ours) > 20
+    for name, values in ours.items():
+        _assert_same(pd.DataFrame({name: feast[name]}), pd.DataFrame({name: values}), [name])
+    assert all(d is not None and 0 <= d < 20 for d in ours["distance_km"][:100])
+    assert ours["cuisine"][-2] is None and ours["orders_30d"][-1] is None  # unknown restaurant, unknown user
+    assert ours["distance_km"][-2] is None and ours["cuisine_affinity"][-1] is None
+
+
+def test_a_cached_row_is_reused_only_while_young_and_ttls_still_apply(tmp_path, city_dir, city_summary):
+    """cache_s: a new value in the store shows after at most cache_s; expiry is judged at read time
+    and before the on-demand view runs."""
+    end = pd.Timestamp(city_summary["end"])
+    store = open_store("sqlite", data_dir=tmp_path)
+    apply(store, data_dir=city_dir)
+    materialize(store, end.to_pydatetime())
+    row = _ranker_rows(city_dir, n=1)[0]
+    long_lived = OnlineFeatures(store, "ranker_v1", deadline_s=10, cache_s=600)
+    short_lived = OnlineFeatures(store, "ranker_v1", deadline_s=10, cache_s=0.3)
+    before = long_lived.read(row, now=end.timestamp()).values["conversion_7d"]
+    assert short_lived.read(row, now=end.timestamp()).values["conversion_7d"] == before
+    store.write_to_online_store("restaurant_feed_stats", pd.DataFrame({  # what the nightly job would write
+        "restaurant_id": [row["restaurant_id"]], "event_timestamp": [end], "feed_impressions_1d": [7],
+        "feed_orders_1d": [1], "feed_impressions_7d": [70], "feed_orders_7d": [9], "conversion_7d": [0.125]}))
+    assert before != 0.125
+    assert long_lived.read(row, now=end.timestamp()).values["conversion_7d"] == before  # reused
+    assert OnlineFeatures(store, "ranker_v1", deadline_s=10).read(row, now=end.timestamp()).values[
+        "conversion_7d"] == 0.125  # the store has it
+    time.sleep(0.4)
+    assert short_lived.read(row, now=end.timestamp()).values["conversion_7d"] == 0.125  # read again once old
+    three_days_on = long_lived.read(row, now=(end + pd.Timedelta(days=3)).timestamp())
+    assert "restaurant_feed_stats" in three_days_on.expired and three_days_on.values["conversion_7d"] is None
+    # the on-demand view sees the expired history as missing, as the training join would have
+    assert long_lived.read(row, now=end.timestamp()).values["cuisine_affinity"] is not None
+    assert three_days_on.values["taste_pizza_30d"] is None and three_days_on.values["cuisine_affinity"] is None

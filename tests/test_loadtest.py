@@ -252,6 +252,17 @@ def test_smoke_scenario_against_the_real_service(served, small_city):
 
 
 @pytest.mark.integration
+def test_the_feed_stage_probe_reports_every_stage(served, small_city):
+    """python -m loadtest.feed_stages: end-to-end and per-stage latencies of real feeds."""
+    from loadtest.feed_stages import probe
+
+    stages = probe(served.url, requests=3, rate=50, city=small_city)
+    assert {"client", "total", "retrieval_call", "ranker_features", "ranking", "blending"} <= set(stages)
+    assert all(len(values) == 3 for values in stages.values())
+    assert max(stages["total"]) <= max(stages["client"])  # the server's part of what the client saw
+
+
+@pytest.mark.integration
 def test_locust_smoke_run_reports_raw_latencies(served, city_dir, tmp_path):
     config = load_config()
     config["traffic"]["offline_dir"] = str(city_dir / "offline")

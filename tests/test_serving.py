@@ -16,6 +16,7 @@ from models.eta.features import build_inputs
 from models.geo import CITY, area_id
 from serving.features import OnlineFeatures
 from serving.onnx_model import OnnxModel
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -252,8 +253,6 @@ class OwnRedis:
     """A redis-server of the test's own on a free port, so it can be stopped without harming anyone."""
 
     def __init__(self, workdir):
-        from tests.conftest import free_port
-
         self.port, self.workdir, self.process = free_port(), workdir, None
 
     @property
@@ -288,12 +287,13 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
     """With the Redis online store down, /v1/eta answers from the fallback and says so; then recovers.
 
     This server answers /v1/eta through the EtaModel deployment with `@serve.batch` on (the
-    shipped config answers it in the Ingress), so both paths run under Ray Serve in the suite."""
+    shipped config answers it in the Ingress), so both paths run under Ray Serve in the suite.
+    Its feature cache is off, so every request reaches the store (the cache: test_feature_store)."""
     from datetime import datetime
 
     from feature_repo.store import apply, materialize, open_store
     from serving.launch import BackgroundServer
-    from tests.conftest import free_port, serve_overrides
+    from tests.conftest import serve_overrides
 
     own = OwnRedis(tmp_path)
     own.start()
@@ -309,6 +309,7 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
         overrides = ["--num-cpus", "2", *serve_overrides(tmp_path, eta_artifacts, retrieval_trained, ranker_trained,
                                                          online_store="redis", redis=own.address,
                                                          feast_project=project, eta_in_ingress=False,
+                                                         feed_args={"feature_cache_s": 0},
                                                          eta_batching={"max_batch_size": 8,
                                                                        "batch_wait_timeout_s": 0.005})]
         with BackgroundServer(free_port(), free_port(), tmp_path / "serve.log", extra=overrides) as server:
@@ -381,3 +382,32 @@ def test_a_batch_of_eta_requests_gets_the_answers_of_one_at_a_time(eta_artifacts
         assert answer["eta_minutes"] == pytest.approx(alone["eta_minutes"], abs=0.011)
         assert answer["feature_service"] == alone["feature_service"] and not answer["degraded"]
     assert len({a["eta_minutes"] for a in batched if isinstance(a, dict)}) > 1  # not one answer copied
+
+
+def test_the_ingress_awaits_the_same_answer_and_falls_back_the_same(eta_artifacts, city_dir, known):
+    """predict_async (the Ingress's /v1/eta: it awaits the feature read) answers as predict does,
+    also with the store unreachable (a port nothing listens on): from the fallback, and says so."""
+    from serving.errors import NotFound
+    from serving.eta import EtaPipeline
+    from serving.schemas import parse_eta_request
+
+    def same(a: dict, b: dict) -> None:  # ages move with the clock; the reason a store is down may change
+        def kept(answer: dict) -> dict:
+            return {k: v for k, v in answer.items() if k not in ("feature_age_seconds", "fallback")}
+        assert kept(a) == kept(b) and (a["fallback"] is None) == (b["fallback"] is None)
+
+    request = parse_eta_request(json.dumps(known).encode())
+    unknown = parse_eta_request(json.dumps({**known, "restaurant_id": 987654}).encode())
+    pipeline = EtaPipeline(str(eta_artifacts / "eta" / "current"), "sqlite", str(city_dir))
+    answer = asyncio.run(pipeline.predict_async(request))
+    same(answer, pipeline.predict(request))
+    assert answer["degraded"] is False
+    with pytest.raises(NotFound):
+        asyncio.run(pipeline.predict_async(unknown))
+
+    unreachable = EtaPipeline(str(eta_artifacts / "eta" / "current"), "redis", str(city_dir),
+                              redis=f"127.0.0.1:{free_port()}")
+    down = asyncio.run(unreachable.predict_async(request))
+    assert down["degraded"] is True and "online store unavailable" in down["fallback"]
+    same(down, unreachable.predict(request))
+    assert down["eta_minutes"] > 0

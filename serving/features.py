@@ -81,36 +81,37 @@ class OnlineFeatures:
         self._cache = RowCache(cache_s, cache_rows) if cache_s > 0 else None
         views = {view.name: view for view in store.list_feature_views()}
         on_demand = {view.name: view for view in store.list_on_demand_feature_views()}
-        self.ttl_seconds: dict[str, float] = {}  # on-demand views are computed per request: never stale
-        self.view_of: dict[str, str] = {}
-        self.transforms: list[OnDemandFeatureView] = []
+        self.view_of: dict[str, str] = {}  # feature of the service -> its view
+        self.transforms: list[tuple[OnDemandFeatureView, list[str]]] = []  # with the request fields each needs
         read: dict[str, list[str]] = defaultdict(list)  # stored view -> features to read (incl. on-demand inputs)
         for projection in self.service.feature_view_projections:
-            ttl = views[projection.name].ttl if projection.name in views else None
-            self.ttl_seconds[projection.name] = ttl.total_seconds() if ttl else float("inf")
             for feature in projection.features:
                 if feature.name in self.view_of:
                     raise ArtifactError(f"feature service {service_name!r} has two features named {feature.name!r} "
                                         f"({self.view_of[feature.name]}, {projection.name}); rename one")
                 self.view_of[feature.name] = projection.name
             if projection.name in on_demand:
-                self.transforms.append(_python_mode(on_demand[projection.name]))
-                for source in on_demand[projection.name].source_feature_view_projections.values():
+                view = _python_mode(on_demand[projection.name])
+                self.transforms.append((view, [field.name for source in view.source_request_sources.values()
+                                               for field in source.schema]))
+                for source in view.source_feature_view_projections.values():
                     read[source.name] += [f.name for f in source.features]
             else:
                 read[projection.name] += [f.name for f in projection.features]
+        # per view; on-demand views are computed per request: never stale
+        self.ttl_seconds = {name: views[name].ttl.total_seconds() or float("inf") for name in read}
+        self.ttl_seconds.update({view.name: float("inf") for view, _ in self.transforms})
         # one Feast call per entity (join keys), each naming only the features it must read
         self.reads: dict[tuple[str, ...], list[str]] = defaultdict(list)
-        self.join_keys = {key for view_name in read for key in (c.name for c in views[view_name].entity_columns)}
-        self.stored_ttl_seconds = {name: views[name].ttl.total_seconds() or float("inf") for name in read}
         for view_name, features in read.items():
             keys = tuple(column.name for column in views[view_name].entity_columns)
             self.reads[keys] += [f"{view_name}:{name}" for name in dict.fromkeys(features)]
+        self.join_keys = {key for keys in self.reads for key in keys}
 
     def read_rows(self, entities: list[dict[str, Any]], now: float | None = None) -> FeatureRows:
         """Read many entity rows in one call; values past their view's TTL come back as None."""
         if not self._check(entities):  # Feast fails on an empty read, which would mark a healthy store down
-            return self._assemble(entities, {}, now)
+            return self._empty()
         return self._assemble(entities, self._fetch(entities), now)
 
     async def read_rows_async(self, entities: list[dict[str, Any]], now: float | None = None) -> FeatureRows:
@@ -120,7 +121,7 @@ class OnlineFeatures:
         also lets Ray's replica see this request as in flight (its autoscaling metric).
         """
         if not self._check(entities):
-            return self._assemble(entities, {}, now)
+            return self._empty()
         future = self._submit(entities)
         try:
             raw = await asyncio.wait_for(asyncio.wrap_future(future), self.deadline_s)
@@ -136,12 +137,13 @@ class OnlineFeatures:
             raise ValueError(f"every entity row of {self.service.name!r} needs {', '.join(sorted(self.join_keys))}")
         return bool(entities)
 
+    def _empty(self) -> FeatureRows:
+        views = set(self.view_of.values())
+        return FeatureRows(columns={name: [] for name in self.view_of}, age_seconds={v: [] for v in views},
+                           expired={v: [] for v in views})
+
     def _assemble(self, entities: list[dict[str, Any]], raw: dict[str, list], now: float | None) -> FeatureRows:
         """Columns from Feast's answer: TTLs applied, then the on-demand views computed."""
-        if not entities:
-            views = set(self.view_of.values())
-            return FeatureRows(columns={name: [] for name in self.view_of}, age_seconds={v: [] for v in views},
-                               expired={v: [] for v in views})
         now = time.time() if now is None else now
         ages: dict[str, list[float | None]] = {}
         stored: dict[str, list[Any]] = {}  # every feature read, with values past their view's TTL set to None
@@ -150,11 +152,11 @@ class OnlineFeatures:
             if view not in ages:
                 ages[view] = [None if value is None or not stamp else max(0.0, now - stamp)
                               for value, stamp in zip(raw[ref], raw[f"{ref}__ts"])]
-            ttl = self.stored_ttl_seconds[view]
+            ttl = self.ttl_seconds[view]
             stored[name] = [None if age is not None and age > ttl else value for value, age in zip(raw[ref], ages[view])]
         columns = {name: stored[name] for name in self.view_of if name in stored}
-        for transform in self.transforms:  # on-demand views see what training saw: TTLs already applied
-            inputs = {**stored, **{field: [row.get(field) for row in entities] for field in _request_fields(transform)}}
+        for transform, fields in self.transforms:  # on-demand views see what training saw: TTLs already applied
+            inputs = {**stored, **{field: [row.get(field) for row in entities] for field in fields}}
             outputs = transform.transform_dict(inputs)
             ages[transform.name] = [None] * len(entities)
             columns.update({f.name: [None if _is_nan(value) else value for value in outputs[f.name]]  # as Feast
@@ -226,7 +228,6 @@ class OnlineFeatures:
         return raw
 
 
-
 class RowCache:
     """Feature rows by entity key, each kept for `max_age_s`; at most `max_rows` (oldest dropped first)."""
 
@@ -258,8 +259,3 @@ def _python_mode(view: OnDemandFeatureView) -> OnDemandFeatureView:
         raise ArtifactError(f"on-demand feature view {view.name!r} is in {view.mode!r} mode; serving computes "
                             "on-demand features per request and needs mode='python'")
     return view
-
-
-def _request_fields(view: OnDemandFeatureView) -> list[str]:
-    """The request data an on-demand view needs (e.g. the user's place), taken from each entity row."""
-    return [field.name for source in view.source_request_sources.values() for field in source.schema]

@@ -102,8 +102,12 @@ chart-lint: ## helm lint --strict and helm template of the chart with its defaul
 	  $$helm template $(RELEASE) $(CHART_DIR) --namespace $(NAMESPACE) >/dev/null && echo "chart renders"
 
 .PHONY: chart-test
-chart-test: setup ## Offline chart checks: lint, every toggle, schemas, CRDs, serve config, security scan
-	$(PY) -m pytest tests/test_chart.py -q
+chart-test: setup ## Offline chart checks: lint, every toggle, schemas, CRDs, KubeRay/KServe rules, fit, security scan
+	$(PY) -m pytest tests/test_chart.py tests/test_chart_contract.py -q
+
+.PHONY: chart-check
+chart-check: setup ## KubeRay's validation, KServe's runtime choice and the fit on the minimum clusters (VALUES=my.yaml)
+	$(PY) -m charts.checks $(if $(CLUSTER_PROFILE),--cluster $(CLUSTER_PROFILE)) $(foreach f,$(VALUES),-f $(f))
 
 .PHONY: crds
 crds: ## Fetch the pinned upstream CRDs into .tools/crds (needs network); then COURIER_CRDS_DIR=.tools/crds
@@ -139,7 +143,7 @@ operators: ## Install the KubeRay operator (KSERVE=1 adds cert-manager and KServ
 	@bash scripts/k8s-operators.sh
 
 .PHONY: deploy
-deploy: ## helm upgrade --install the release, wait until it serves, then helm test (HELM_ARGS=...)
+deploy: ## helm upgrade --install the release, wait until it serves, then helm test (HELM_ARGS=..., RAY_RESTART=1)
 	@bash scripts/k8s-deploy.sh
 
 .PHONY: k8s-loadtest

@@ -3,15 +3,22 @@
     python -m feature_repo.store apply
     python -m feature_repo.store materialize            # up to the simulation's end
     python -m feature_repo.store --online redis apply   # the same repo on Redis (COURIER_REDIS)
+    python -m feature_repo.store materialize --if-applied   # nothing to do (exit 0) before the first apply
+
+apply and materialize both write the registry file; each holds an exclusive lock beside it while it
+does, so a scheduled materialize and a bootstrap on the same volume take turns instead of racing.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -99,6 +106,28 @@ def materialize(store: FeatureStore, end: datetime, start: datetime | None = Non
     store.materialize(start_date=start, end_date=end)
 
 
+def registry_path(store: FeatureStore) -> Path:
+    """The registry file of a store opened by `open_store` (a local path, on the shared volume in a cluster)."""
+    return Path(store.config.registry.path)
+
+
+@contextmanager
+def registry_lock(store: FeatureStore) -> Iterator[None]:
+    """Hold an exclusive lock (flock on registry.lock beside the registry) for as long as the block writes it."""
+    lock_file = registry_path(store).with_name("registry.lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {lock_file}: another apply or materialize is writing the registry", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     from feature_repo.definitions import DATA_DIR
@@ -106,15 +135,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--online", choices=sorted(STORE_FILES), default="sqlite")
     parser.add_argument("command", choices=["apply", "materialize"])
+    parser.add_argument("--if-applied", action="store_true",
+                        help="materialize: exit 0 without doing anything when nothing was applied yet")
     args = parser.parse_args(argv)
     store = open_store(args.online, data_dir=DATA_DIR)  # registry follows COURIER_DATA_DIR, like the sources
-    if args.command == "apply":
-        apply(store)
-        print(f"applied feature repository ({args.online} online store)")
-    else:
-        first, end = simulation_window(DATA_DIR)
-        materialize(store, end, start=first - timedelta(days=2))
-        print(f"materialized up to {end.isoformat()} ({args.online} online store)")
+    if args.command == "materialize" and args.if_applied and not registry_path(store).exists():
+        print(f"{registry_path(store)} does not exist yet: nothing to materialize before the first apply")
+        return
+    with registry_lock(store):
+        if args.command == "apply":
+            apply(store)
+            print(f"applied feature repository ({args.online} online store)")
+        else:
+            first, end = simulation_window(DATA_DIR)
+            materialize(store, end, start=first - timedelta(days=2))
+            print(f"materialized up to {end.isoformat()} ({args.online} online store)")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from loadtest.report import latency_stats
 class Target:
     """Something a fault can hit: a replica of a deployment, or the HTTP proxy."""
 
-    kind: str  # "replica" | "proxy"
+    kind: str  # "replica" | "proxy" | "node"
     ident: str  # a PID locally, a pod name on Kubernetes
     deployment: str | None = None
 
@@ -92,6 +92,8 @@ class LocalRayKiller(Killer):
             return [Target("replica", str(pid), deployment) for pid in self.ray.replica_pids(deployment)]
         if kind == "proxy":
             return [Target("proxy", str(pid)) for pid in self.ray.proxy_pids()]
+        if kind == "node":
+            raise ValueError("`kill: node` needs more than one Ray node: run the drill with --kubernetes")
         raise ValueError(f"unknown target kind {kind!r}")
 
     def kill(self, target: Target) -> None:
@@ -114,10 +116,10 @@ class KubernetesKiller(Killer):
     """Deletes pods through the Kubernetes API, chosen by label selector.
 
     On KubeRay, Serve replicas live inside Ray worker pods, so "kill a replica of X" deletes a
-    Running pod matching `selectors[X]` (e.g. the worker group that hosts X) and "kill the
-    proxy" deletes a pod matching `selectors["proxy"]` (the head pod, or the HAProxy/ingress
-    pods); `selectors["*"]` covers deployments without their own. Replica counts are Ready
-    pods per named selector. `core_api` is a
+    Running pod matching `selectors[X]` (e.g. the worker group that hosts X), "kill the
+    proxy" a pod matching `selectors["proxy"]` and "kill a node" one matching `selectors["node"]`
+    (a Ray worker pod: its replicas and its proxy); `selectors["*"]` covers deployments without
+    their own. Replica counts are Ready pods per named selector. `core_api` is a
     `kubernetes.client.CoreV1Api` (or anything with the same two methods).
     """
 
@@ -136,7 +138,7 @@ class KubernetesKiller(Killer):
 
     def _selector(self, kind: str, deployment: str | None) -> str:
         """The deployment's own selector, else the "*" one (replicas only), else KeyError."""
-        key = "proxy" if kind == "proxy" else deployment
+        key = kind if kind in ("proxy", "node") else deployment
         if key in self.selectors:
             return self.selectors[key]
         if kind == "replica" and "*" in self.selectors:
@@ -157,7 +159,7 @@ class KubernetesKiller(Killer):
         return KubernetesKiller._is_live(pod) and any(c.type == "Ready" and c.status == "True" for c in conditions)
 
     def targets(self, kind: str, deployment: str | None = None) -> list[Target]:
-        if kind not in ("replica", "proxy"):
+        if kind not in ("replica", "proxy", "node"):
             raise ValueError(f"unknown target kind {kind!r}")
         return [Target(kind, pod.metadata.name, deployment) for pod in self._pods(self._selector(kind, deployment))
                 if self._is_live(pod)]
@@ -293,7 +295,7 @@ def prepare_redis_store(server: RedisServer, data_dir: Path, offline_dir: Path) 
 @dataclass(frozen=True)
 class Fault:
     at_s: float
-    action: str  # "kill_replica" | "kill_proxy" | "store_down"
+    action: str  # "kill_replica" | "kill_proxy" | "kill_node" | "store_down"
     deployment: str | None = None
     duration_s: float = 0.0  # store_down only
 
@@ -303,18 +305,18 @@ class Fault:
             return f"kill {self.deployment}"
         if self.action == "store_down":
             return f"store down {self.duration_s:g}s"
-        return "kill proxy"
+        return "kill node" if self.action == "kill_node" else "kill proxy"
 
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> Fault:
         if "kill" in raw:
             kind = raw["kill"]
-            if kind == "proxy":
-                return cls(float(raw["at_s"]), "kill_proxy")
+            if kind in ("proxy", "node"):
+                return cls(float(raw["at_s"]), f"kill_{kind}")
             return cls(float(raw["at_s"]), "kill_replica", deployment=str(kind))
         if "store_down_s" in raw:
             return cls(float(raw["at_s"]), "store_down", duration_s=float(raw["store_down_s"]))
-        raise ValueError(f"a fault needs `kill: <deployment>|proxy` or `store_down_s`, got {raw}")
+        raise ValueError(f"a fault needs `kill: <deployment>|proxy|node` or `store_down_s`, got {raw}")
 
 
 @dataclass
@@ -350,7 +352,7 @@ def fault_runner(faults: Sequence[Fault], killer: Killer, outage: StoreOutage | 
                     await asyncio.to_thread(outage.start)
                     record.end_t = clock.now()
                 else:
-                    kind = "proxy" if fault.action == "kill_proxy" else "replica"
+                    kind = {"kill_proxy": "proxy", "kill_node": "node"}.get(fault.action, "replica")
                     target = await asyncio.to_thread(killer.pick, kind, fault.deployment, rng)
                     record.t = clock.now()
                     await asyncio.to_thread(killer.kill, target)
@@ -445,6 +447,10 @@ def analyze(records: Records, faults: Sequence[FaultRecord], timeline: Sequence[
             entry["replicas_before"] = wanted
             entry["replicas_back_after_s"] = time_until_back(timeline, record.fault.deployment, record.t, wanted)
         elif record.fault.action == "kill_proxy":
+            entry["first_success_after_s"] = first_success_after(records, record.t)
+        elif record.fault.action == "kill_node":  # "node" counts the Ready pods of selectors["node"]
+            entry["nodes_before"] = record.counts_before.get("node", 0)
+            entry["nodes_back_after_s"] = time_until_back(timeline, "node", record.t, entry["nodes_before"])
             entry["first_success_after_s"] = first_success_after(records, record.t)
         else:
             during = (records.scheduled >= record.t) & (records.scheduled < (record.end_t or record.t))

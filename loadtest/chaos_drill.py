@@ -40,7 +40,9 @@ def run_drill(config: dict[str, Any], *, kubernetes: bool = False, url: str | No
     chaos = config["chaos"]
     slo = SLO.from_config(config)
     rate = resolve_rate(chaos["rate"], float(config["target_rate"]))
-    faults = [Fault.from_config(raw) for raw in chaos["faults"]]
+    # On a cluster a fault deletes a whole pod, so the cluster has a schedule of its own (config.yaml).
+    schedule = chaos["kubernetes"].get("faults", chaos["faults"]) if kubernetes else chaos["faults"]
+    faults = [Fault.from_config(raw) for raw in schedule]
     spec = {"rate": rate, "duration_s": float(chaos["duration_s"]), "arrival": "poisson", "warmup_s": 0}
     city = city_from_config(config["traffic"], seed=seed)
     endpoints = config["traffic"]["endpoints"]

@@ -105,3 +105,33 @@ def retrieval_trained(tmp_path_factory, city_dir, feature_store):
                  store=feature_store)
     result.frames.update(data_dir=city_dir, reports=root / "reports", root=root)
     return result
+
+
+# --- the Helm chart (tests/test_chart*.py) ------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """The helm binary, extracted by scripts/tools.sh when it is not on PATH."""
+    from charts.checks.render import helm_binary
+
+    return helm_binary()
+
+
+@pytest.fixture(scope="session")
+def render(helm):
+    """render(scenario, *sets) -> the rendered objects; sets are --set-json items ('a.b=1')."""
+    from chart_support import rendered_objects
+
+    return rendered_objects
+
+
+@pytest.fixture(scope="session")
+def render_error(helm):
+    """render_error(scenario, *sets) -> helm's error output, asserting the render failed."""
+    from chart_support import render_scenario
+
+    def _error(scenario: str = "defaults", *sets: str) -> str:
+        _, stderr, code = render_scenario(scenario, sets)
+        assert code != 0, f"expected {scenario} {sets} to fail, it rendered"
+        return stderr
+    return _error

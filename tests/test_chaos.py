@@ -78,6 +78,22 @@ def test_the_shipped_plan_kills_each_deployment_several_times_the_proxy_once_and
     assert policy.retries == 1 and policy.on_connection_error and 503 in policy.on_status
 
 
+def test_the_cluster_plan_kills_whole_workers_and_a_node_kill_is_analysed_as_one():
+    """On Kubernetes a fault deletes a pod, a whole Ray worker: the cluster has its own plan of node kills;
+    a node kill reports when the worker pods were all back and when requests succeeded again. Locally
+    there is one node, so `kill: node` is refused with what to do."""
+    plan = [Fault.from_config(raw) for raw in load_config()["chaos"]["kubernetes"]["faults"]]
+    assert {f.action for f in plan} >= {"kill_node"} and Fault.from_config({"at_s": 1, "kill": "node"}).label == "kill node"
+    records = synthetic_records()
+    node = FaultRecord(Fault(10, "kill_node"), t=10.2, target="worker-1", counts_before={"node": 2})
+    timeline = [{"t": 0, "counts": {"node": 2}}, {"t": 10.4, "counts": {"node": 1}}, {"t": 41.0, "counts": {"node": 2}}]
+    entry = analyze(records, [node], timeline, window_s=5, slo_p99_ms=100)["faults"][0]
+    assert entry["nodes_before"] == 2 and entry["nodes_back_after_s"] == pytest.approx(30.8)
+    assert entry["first_success_after_s"] is not None and "store_down_s" not in entry
+    with pytest.raises(ValueError, match="--kubernetes"):
+        LocalRayKiller.__new__(LocalRayKiller).targets("node")
+
+
 def test_retry_policy_retries_once_on_connection_errors_and_503_only():
     policy = RetryPolicy(retries=1, backoff_s=0.2)
     assert policy.should_retry(CONNECTION_ERROR, 1) and policy.should_retry(503, 1)
@@ -348,9 +364,10 @@ def test_kubernetes_killer_picks_running_pods_by_label_and_deletes_without_grace
     assert all(ns == "courier" for ns, _ in api.selectors_seen)
     with pytest.raises(KeyError):
         killer.targets("replica", "Feed")
-    fallback = KubernetesKiller(api, "courier", {"*": workers, "proxy": head})
+    fallback = KubernetesKiller(api, "courier", {"*": workers, "proxy": head, "node": workers})
     assert [t.ident for t in fallback.targets("replica", "Ranker")] == ["w-1", "w-4"]
-    assert fallback.replica_counts() == {}
+    assert [t.ident for t in fallback.targets("node")] == ["w-1", "w-4"]
+    assert fallback.replica_counts() == {"node": 1}  # Ready worker pods
     with pytest.raises(KeyError):
         KubernetesKiller(api, "courier", {"*": workers}).targets("proxy")
     empty = KubernetesKiller(FakeCoreApi({}), "courier", {"EtaModel": workers})

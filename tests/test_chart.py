@@ -1,7 +1,9 @@
 """The Helm chart, proven offline: the real helm binary renders it, the Kubernetes and CRD schemas
 validate every object, Ray Serve validates serveConfigV2, and checkov scans the result.
 
-Scenarios are values files in tests/chart_values/ (one per toggle), plus the defaults.
+Scenarios are values files in tests/chart_values/ (one per toggle), the profile for a real cluster
+(charts/courier/values-cluster.yaml), plus the defaults (tests/chart_support.py). What the operators
+enforce at run time is in tests/test_chart_contract.py.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
-from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,26 +24,27 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from chart_support import (
+    NAMESPACE,
+    RELEASE,
+    SCENARIOS,
+    admits,
+    containers,
+    env_of,
+    find,
+    kinds,
+    only,
+    pod_specs,
+    render_scenario,
+    scenario_files,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "courier"
-VALUES_DIR = Path(__file__).parent / "chart_values"
-RELEASE = NAMESPACE = "courier"
-SCENARIOS = ["defaults"] + sorted(p.stem for p in VALUES_DIR.glob("*.yaml"))
+from charts.checks.render import CHART, ROOT
+
 # The chart's kubeVersion floor and the kubectl we ship.
 KUBERNETES_VERSIONS = ["1.30.0", "1.35.0"]
 CRD_FILES = {"RayService": ("ray.io_rayservices.yaml", "v1"),
              "InferenceService": ("serving.kserve.io_inferenceservices.yaml", "v1beta1")}
-WORKLOAD_KINDS = {"Pod", "Deployment", "StatefulSet", "Job", "CronJob"}
-
-
-# --- rendering --------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def helm() -> str:
-    """The helm binary, extracted by scripts/tools.sh when it is not on PATH."""
-    return _tool("helm")
-
 
 def _tool(name: str) -> str:
     out = subprocess.run(["bash", str(ROOT / "scripts" / "tools.sh"), name], capture_output=True, text=True,
@@ -56,90 +57,14 @@ def _helm(helm_bin: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([helm_bin, *args], capture_output=True, text=True, cwd=ROOT, check=False)
 
 
-@cache
-def _render(helm_bin: str, scenario: str, sets: tuple[str, ...] = ()) -> tuple[str, str, int]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
-    if scenario != "defaults":
-        args += ["-f", str(VALUES_DIR / f"{scenario}.yaml")]
-    for item in sets:
-        args += ["--set-json", item]
-    out = _helm(helm_bin, *args)
-    return out.stdout, out.stderr, out.returncode
-
-
-@pytest.fixture(scope="session")
-def render(helm):
-    """render(scenario, *sets) -> the rendered objects; sets are --set-json items ('a.b=1')."""
-    def _objects(scenario: str = "defaults", *sets: str) -> list[dict[str, Any]]:
-        stdout, stderr, code = _render(helm, scenario, sets)
-        assert code == 0, f"helm template failed for {scenario} {sets}:\n{stderr}"
-        return [doc for doc in yaml.safe_load_all(stdout) if doc]
-    return _objects
-
-
-@pytest.fixture(scope="session")
-def render_error(helm):
-    """render_error(scenario, *sets) -> helm's error output, asserting the render failed."""
-    def _error(scenario: str = "defaults", *sets: str) -> str:
-        _, stderr, code = _render(helm, scenario, sets)
-        assert code != 0, f"expected {scenario} {sets} to fail, it rendered"
-        return stderr
-    return _error
-
-
-def kinds(objects: list[dict]) -> list[str]:
-    return sorted(o["kind"] for o in objects)
-
-
-def only(objects: list[dict], kind: str, component: str | None = None) -> dict:
-    found = find(objects, kind, component)
-    assert len(found) == 1, f"expected one {kind} {component or ''}, got {[o['metadata']['name'] for o in found]}"
-    return found[0]
-
-
-def find(objects: list[dict], kind: str, component: str | None = None) -> list[dict]:
-    return [o for o in objects if o["kind"] == kind and (
-        component is None or o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component)]
-
-
-def pod_specs(obj: dict) -> Iterator[tuple[str, dict, dict]]:
-    """(where, pod labels, pod spec) of every pod an object will create, custom resources included."""
-    kind, name = obj["kind"], obj["metadata"]["name"]
-    if kind == "Pod":
-        yield name, obj["metadata"].get("labels", {}), obj["spec"]
-    elif kind in {"Deployment", "StatefulSet", "Job"}:
-        tpl = obj["spec"]["template"]
-        yield name, tpl["metadata"].get("labels", {}), tpl["spec"]
-    elif kind == "CronJob":
-        tpl = obj["spec"]["jobTemplate"]["spec"]["template"]
-        yield name, tpl["metadata"].get("labels", {}), tpl["spec"]
-    elif kind == "RayService":
-        cluster = obj["spec"]["rayClusterConfig"]
-        yield f"{name}/head", cluster["headGroupSpec"]["template"]["metadata"]["labels"], \
-            cluster["headGroupSpec"]["template"]["spec"]
-        for group in cluster["workerGroupSpecs"]:
-            yield f"{name}/{group['groupName']}", group["template"]["metadata"]["labels"], group["template"]["spec"]
-    elif kind == "InferenceService":
-        predictor = obj["spec"]["predictor"]
-        yield f"{name}/predictor", predictor.get("labels", {}), {**predictor, "containers": [predictor["model"]]}
-
-
-def containers(spec: dict) -> list[dict]:
-    return spec.get("initContainers", []) + spec["containers"]
-
-
-def env_of(container: dict) -> dict[str, str]:
-    return {e["name"]: e.get("value") for e in container.get("env", [])}
-
-
 # --- 1. helm lint, and every scenario renders -----------------------------------------------
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_helm_lint_strict(helm, scenario):
     """helm lint --strict passes for the defaults and for every toggle."""
     args = ["lint", "--strict", str(CHART)]
-    if scenario != "defaults":
-        args += ["-f", str(VALUES_DIR / f"{scenario}.yaml")]
+    for path in scenario_files(scenario):
+        args += ["-f", path]
     out = _helm(helm, *args)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -207,15 +132,18 @@ def _repository_config_with_cluster_settings() -> dict:
     from serving.config import load_serve_config, with_overrides
 
     config = load_serve_config()
-    args = {"model_dir": "/data/artifacts/eta/current", "online_store": "redis"}
-    if "data_dir" in config["applications"][0].get("args", {}):
+    file_args = config["applications"][0]["args"]
+    feed = {**file_args["feed"], "retrieval_model_dir": "/data/artifacts/retrieval/current",
+            "ranker_model_dir": "/data/artifacts/ranker/current"}
+    args = {"model_dir": "/data/artifacts/eta/current", "online_store": "redis", "feed": feed}
+    if "data_dir" in file_args:
         args["data_dir"] = "/data"
     return with_overrides(config, host="0.0.0.0", args=args)
 
 
 def test_serve_config_is_the_repository_file(render):
     """The chart reads serving/serve_config.yaml through a symlink; serveConfigV2 equals it after the
-    cluster settings (host 0.0.0.0, model and data on the volume, Redis), and Ray Serve accepts it."""
+    cluster settings (host 0.0.0.0, every model and the data on the volume, Redis), and Ray Serve accepts it."""
     from serving.app import AppArgs
     from serving.config import validate
 
@@ -324,6 +252,7 @@ def test_kserve_toggle(render):
     isvc = only(objects, "InferenceService")
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "onnx" and model["protocolVersion"] == "v2"
+    assert model["runtime"] == "kserve-tritonserver"
     assert model["storageUri"] == "pvc://courier-data/artifacts/triton"
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
     assert find(objects, "NetworkPolicy", "kserve")
@@ -367,28 +296,44 @@ def test_ingress_toggle(render):
     assert ingress["spec"]["rules"][0]["host"] == "eta.example.com"
 
 
-def test_gcs_fault_tolerance_uses_the_chart_redis_unless_told_otherwise(render):
-    """GCS fault tolerance points at the in-chart Redis; ray.gcsFaultTolerance.redisAddress wins."""
-    options = only(render("gcs-fault-tolerance"), "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
-    assert options["redisAddress"] == "courier-redis:6379"
-    options = only(render("gcs-fault-tolerance", 'ray.gcsFaultTolerance.redisAddress="gcs-redis:6379"'),
-                   "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
-    assert options["redisAddress"] == "gcs-redis:6379"
+def test_gcs_fault_tolerance_has_a_redis_of_its_own(render):
+    """GCS fault tolerance stores into a Redis of its own, never Feast's (the chaos drill's store outage
+    stops Feast's); ray.gcsFaultTolerance.redisAddress replaces it; KubeRay picks the key namespace."""
+    objects = render("gcs-fault-tolerance")
+    options = only(objects, "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    gcs_redis = only(objects, "StatefulSet", "gcs-redis")
+    assert options["redisAddress"] == f"{gcs_redis['metadata']['name']}:6379" == "courier-gcs-redis:6379"
+    assert "externalStorageNamespace" not in options  # each RayCluster's UID: upgrades never share state
+    assert gcs_redis["spec"]["volumeClaimTemplates"], "GCS state must survive a Redis restart"
+    feast_store = env_of(only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+                         ["containers"][0])["COURIER_REDIS"]
+    outage_target = _loadtest_config(render("chaos-store-outage", "ray.gcsFaultTolerance.enabled=true"),
+                                     "chaos")["chaos"]["kubernetes"]["redis"]["name"]
+    assert feast_store.split(":")[0] == outage_target == "courier-redis" != gcs_redis["metadata"]["name"]
+    objects = render("gcs-fault-tolerance", 'ray.gcsFaultTolerance.redisAddress="gcs.example:6379"')
+    assert only(objects, "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == \
+        "gcs.example:6379"
+    assert not find(objects, "StatefulSet", "gcs-redis")
     assert "gcsFaultToleranceOptions" not in only(render(), "RayService")["spec"]["rayClusterConfig"]
+    assert not find(render(), "StatefulSet", "gcs-redis")
 
 
 def test_redis_auth_puts_the_password_in_the_connection_string(render):
-    """redis.auth.enabled: a Secret, Redis requires it, and COURIER_REDIS carries it (defined after
-    REDIS_PASSWORD, so Kubernetes expands $(REDIS_PASSWORD))."""
+    """redis.auth.enabled: a Secret, both Redis require it, and COURIER_REDIS carries it (defined after
+    COURIER_REDIS_PASSWORD, so Kubernetes expands it). Not REDIS_PASSWORD: KubeRay refuses that name on
+    the head with GCS fault tolerance, which gets the password through gcsFaultToleranceOptions."""
     objects = render("redis-auth")
     only(objects, "Secret", "redis")
-    redis = only(objects, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
-    assert "--requirepass" in redis["args"][0] and "--protected-mode no" not in redis["args"][0]
+    for component in ("redis", "gcs-redis"):
+        redis = only(objects, "StatefulSet", component)["spec"]["template"]["spec"]["containers"][0]
+        assert "--requirepass" in redis["args"][0] and "--protected-mode no" not in redis["args"][0]
     for obj in find(objects, "Job", "train") + find(objects, "RayService"):
         for _, _, spec in pod_specs(obj):
             names = [e["name"] for e in spec["containers"][0]["env"]]
-            assert names.index("REDIS_PASSWORD") < names.index("COURIER_REDIS")
-            assert env_of(spec["containers"][0])["COURIER_REDIS"] == "courier-redis:6379,password=$(REDIS_PASSWORD)"
+            assert "REDIS_PASSWORD" not in names
+            assert names.index("COURIER_REDIS_PASSWORD") < names.index("COURIER_REDIS")
+            assert env_of(spec["containers"][0])["COURIER_REDIS"] == \
+                "courier-redis:6379,password=$(COURIER_REDIS_PASSWORD)"
     options = only(objects, "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
     assert options["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == "courier-redis"
 
@@ -513,27 +458,6 @@ def test_ray_ports_stay_inside_the_cluster(render):
                 assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
 
 
-def _admits(policy: dict, pod_labels: dict, port: int, peer_labels: dict | None, peer_ns: str) -> bool:
-    """Does one NetworkPolicy let a peer (pod labels, namespace) reach this pod on this port?"""
-    if not all(pod_labels.get(k) == v for k, v in policy["spec"]["podSelector"].get("matchLabels", {}).items()):
-        return False
-    for rule in policy["spec"]["ingress"]:
-        if "ports" in rule and port not in [p["port"] for p in rule["ports"]]:
-            continue
-        if "from" not in rule:
-            return True
-        for peer in rule["from"]:
-            ns = peer.get("namespaceSelector", {}).get("matchLabels", {})
-            if ns and ns.get("kubernetes.io/metadata.name") != peer_ns:
-                continue
-            if not ns and peer_ns != NAMESPACE:
-                continue
-            want = peer.get("podSelector", {}).get("matchLabels", {})
-            if peer_labels is not None and all(peer_labels.get(k) == v for k, v in want.items()):
-                return True
-    return False
-
-
 def test_network_policies_expose_only_the_serving_port(render):
     """From outside the release only Ray Serve's 8000 (and KServe's 8080) answer; the KubeRay operator
     alone reaches the dashboard and agent; inside the release everything talks."""
@@ -543,7 +467,7 @@ def test_network_policies_expose_only_the_serving_port(render):
     release_pod = {"app.kubernetes.io/name": "courier", "app.kubernetes.io/instance": RELEASE}
 
     def reachable(labels, port, peer, ns=NAMESPACE):
-        return any(_admits(p, labels, port, peer, ns) for p in policies)
+        return any(admits(p, labels, port, peer, ns) for p in policies)
     for obj in objects:
         for where, labels, _ in pod_specs(obj):
             for port in (6379, 8265, 10001, 52365, 8080, 8000, 5557, 6566):
@@ -600,14 +524,15 @@ def test_chaos_rbac_and_guard(render):
 
 def test_chaos_store_outage_toggle(render):
     """chaos.storeOutage keeps the drill's Redis outages and grants scaling that one StatefulSet only."""
-    default_faults = _loadtest_config(render("chaos"), "chaos")["chaos"]["faults"]
+    default_faults = _loadtest_config(render("chaos"), "chaos")["chaos"]["kubernetes"]["faults"]
     assert default_faults and not any("store_down_s" in f for f in default_faults)
     objects = render("chaos-store-outage")
     rules = only(objects, "Role")["rules"]
     assert rules[1] == {"apiGroups": ["apps"], "resources": ["statefulsets/scale"],
                         "resourceNames": ["courier-redis"], "verbs": ["get", "patch"]}
     from loadtest.config import load_config
-    assert _loadtest_config(objects, "chaos")["chaos"]["faults"] == load_config(None)["chaos"]["faults"]
+    assert _loadtest_config(objects, "chaos")["chaos"]["kubernetes"]["faults"] == \
+        load_config(None)["chaos"]["kubernetes"]["faults"]
 
 
 def _loadtest_config(objects: list[dict], component: str) -> dict:
@@ -621,11 +546,9 @@ def test_loadtest_config_is_the_repository_file(render):
 
     expected = load_config(None)
     expected["traffic"]["offline_dir"] = "/data/offline"
-    serving = "app.kubernetes.io/instance=courier,app.kubernetes.io/component=serving"
-    expected["chaos"]["kubernetes"] = {
-        "namespace": NAMESPACE, "redis": {"kind": "statefulset", "name": "courier-redis"},
-        "selectors": {"EtaModel": f"{serving},ray.io/node-type=worker", "Ingress": f"{serving},ray.io/node-type=worker",
-                      "proxy": f"{serving},ray.io/node-type=head"}}
+    workers = "app.kubernetes.io/instance=courier,app.kubernetes.io/component=serving,ray.io/node-type=worker"
+    expected["chaos"]["kubernetes"].update(namespace=NAMESPACE, redis={"kind": "statefulset", "name": "courier-redis"},
+                                           selectors={"*": workers, "node": workers})
     assert _loadtest_config(render("chaos-store-outage"), "chaos") == expected
     job = only(render("loadtest-openloop"), "Job", "loadtest-openloop")["spec"]["template"]["spec"]["containers"][0]
     assert job["command"] == ["python", "-m", "loadtest", "--config", "/etc/courier/loadtest.yaml", "run", "steady"]
@@ -660,7 +583,7 @@ def checkov_report(helm, tmp_path_factory) -> dict:
     """checkov (own venv via scripts/tools.sh) over the renders of every scenario."""
     out_dir = tmp_path_factory.mktemp("renders")
     for scenario in SCENARIOS:
-        stdout, stderr, code = _render(helm, scenario, ())
+        stdout, stderr, code = render_scenario(scenario)
         assert code == 0, stderr
         (out_dir / f"{scenario}.yaml").write_text(stdout)
     scan = subprocess.run([_tool("checkov"), "-d", str(out_dir), "--framework", "kubernetes", "--skip-download",

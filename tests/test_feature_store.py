@@ -162,3 +162,28 @@ def test_a_cached_row_is_reused_only_while_young_and_ttls_still_apply(tmp_path, 
     # the on-demand view sees the expired history as missing, as the training join would have
     assert long_lived.read(row, now=end.timestamp()).values["cuisine_affinity"] is not None
     assert three_days_on.values["taste_pizza_30d"] is None and three_days_on.values["cuisine_affinity"] is None
+
+
+def test_apply_and_materialize_take_turns_on_the_registry(tmp_path):
+    """The bootstrap Job and the materialize CronJob write one registry file on the shared volume: the
+    second waits for the first's lock instead of racing it; before any apply, `--if-applied` does nothing."""
+    import subprocess
+    import sys
+
+    from feature_repo.store import registry_lock, registry_path
+
+    store = open_store("sqlite", data_dir=tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COURIER_DATA_DIR": str(tmp_path), "FEAST_USAGE": "False"}
+    idle = subprocess.run([sys.executable, "-m", "feature_repo.store", "materialize", "--if-applied"],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert idle.returncode == 0 and "nothing to materialize" in idle.stdout
+    assert not registry_path(store).exists()
+    with registry_lock(store):
+        waiting = subprocess.Popen([sys.executable, "-m", "feature_repo.store", "apply"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=env)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=8)  # held off while the lock is ours
+        assert not registry_path(store).exists()
+    out, _ = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0 and "waiting for" in out and "applied feature repository" in out
+    assert registry_path(store).exists()

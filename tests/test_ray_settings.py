@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +53,22 @@ def test_the_launcher_does_not_import_ray_before_applying_the_settings():
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert RAY_ENV.parent == PROJECT_ROOT / "serving"
+
+
+def test_ray_reads_every_shipped_setting_and_haproxy_binds_replicas_on_all_interfaces():
+    """Each variable of ray_env.yaml is one Ray 2.60 reads (its serve constants), with our value. With
+    HAProxy on, Ray binds the replicas' ports on all interfaces whatever RAY_SERVE_DEFAULT_HTTP_HOST says
+    (constants.py forces it), so HAProxy on another node reaches them: the chart need not set that."""
+    import importlib.util
+
+    source = Path(importlib.util.find_spec("ray.serve._private.constants").origin).read_text()
+    shipped = load_ray_env()
+    for name in shipped:
+        assert f'"{name}"' in source, f"{name} is not a setting Ray Serve reads"
+    code = ("import json; from ray.serve._private import constants as c; "
+            "print(json.dumps([c.DEFAULT_HTTP_HOST, c.RAY_SERVE_HAPROXY_RETRY_ON, c.RAY_SERVE_ENABLE_DIRECT_INGRESS]))")
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", **shipped, "RAY_SERVE_DEFAULT_HTTP_HOST": "127.0.0.1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    host, retry_on, direct_ingress = json.loads(out.stdout.strip().splitlines()[-1])
+    assert host == "0.0.0.0" and direct_ingress is True
+    assert retry_on == shipped["RAY_SERVE_HAPROXY_RETRY_ON"]

@@ -79,8 +79,28 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Where the shared volume is mounted; the images link /app/data, /app/artifacts and /app/reports into it. */}}
 {{- define "courier.dataDir" -}}/data{{- end }}
 
-{{- define "courier.modelDir" -}}
-{{ include "courier.dataDir" . }}/artifacts/eta/current
+{{/* A path of the serve config's args on the volume: relative ones are taken from the data dir. */}}
+{{- define "courier.onVolume" -}}
+{{- if hasPrefix "/" .path }}{{ .path }}{{ else }}{{ include "courier.dataDir" .ctx }}/{{ .path }}{{ end }}
+{{- end }}
+
+{{/* What the Ray head waits for, one path a line: each model's manifest and the Feast registry. */}}
+{{- define "courier.servingInputs" -}}
+{{- $cfg := include "courier.serveConfig" . | fromYaml }}
+{{- range $app := $cfg.applications }}
+{{- range $key, $value := $app.args }}
+{{- if and (hasSuffix "model_dir" $key) (kindIs "string" $value) }}
+{{ $value }}/manifest.json
+{{- else if kindIs "map" $value }}
+{{- range $inner, $path := $value }}
+{{- if and (hasSuffix "model_dir" $inner) (kindIs "string" $path) }}
+{{ $path }}/manifest.json
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{ include "courier.dataDir" . }}/feast/registry.db
 {{- end }}
 
 {{- define "courier.podSecurityContext" -}}
@@ -118,13 +138,14 @@ app.kubernetes.io/component: {{ .component }}
 - name: COURIER_DATA_DIR
   value: {{ include "courier.dataDir" . }}
 {{- if .Values.redis.auth.enabled }}
-- name: REDIS_PASSWORD
+{{- /* Not REDIS_PASSWORD: KubeRay refuses that name on the head when GCS fault tolerance is on. */}}
+- name: COURIER_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "courier.redisSecretName" . }}
       key: redis-password
 - name: COURIER_REDIS
-  value: "{{ include "courier.redisAddress" . }},password=$(REDIS_PASSWORD)"
+  value: "{{ include "courier.redisAddress" . }},password=$(COURIER_REDIS_PASSWORD)"
 {{- else }}
 - name: COURIER_REDIS
   value: {{ include "courier.redisAddress" . | quote }}
@@ -155,6 +176,8 @@ http://{{ include "courier.fullname" . }}-serve-svc.{{ .Release.Namespace }}.svc
 {{/*
 serveConfigV2: serving/serve_config.yaml (files/serve_config.yaml links to it) with the cluster
 settings applied, then the user's overrides. Precedence: values > cluster settings > the file.
+Cluster settings: host 0.0.0.0, every relative *model_dir (top level or one level down, as in
+args.feed) and data_dir on the volume, and Redis as the online store.
 */}}
 {{- define "courier.serveConfig" -}}
 {{- $raw := .Files.Get "files/serve_config.yaml" }}
@@ -171,7 +194,17 @@ settings applied, then the user's overrides. Precedence: values > cluster settin
 {{- $known := list }}
 {{- range $app := $cfg.applications }}
 {{- $args := $app.args | default dict }}
-{{- $_ := set $args "model_dir" (include "courier.modelDir" $) }}
+{{- range $key, $value := $args }}
+{{- if and (hasSuffix "model_dir" $key) (kindIs "string" $value) }}
+{{- $_ := set $args $key (include "courier.onVolume" (dict "ctx" $ "path" $value)) }}
+{{- else if kindIs "map" $value }}
+{{- range $inner, $path := $value }}
+{{- if and (hasSuffix "model_dir" $inner) (kindIs "string" $path) }}
+{{- $_ := set $value $inner (include "courier.onVolume" (dict "ctx" $ "path" $path)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $_ := set $args "online_store" "redis" }}
 {{- if hasKey $args "data_dir" }}
 {{- $_ := set $args "data_dir" (include "courier.dataDir" $) }}

@@ -9,6 +9,7 @@ Variants (all run Feast online read + ONNX with the same code, on the same data 
                each, max_ongoing_requests 5), the default proxy, none of serving/ray_env.yaml
   ray_tuned    Courier's Ray Serve app as Courier ships it: serving/serve_config.yaml and
                serving/ray_env.yaml (plus loadtest/config.yaml `service` and `bench.ray_tuned`)
+  ray_nolog    ray_tuned without the prediction log (app arg `prediction_log: null`): what logging costs
   ray_handle   ray_tuned, but /v1/eta goes Ingress -> EtaModel through a deployment handle
                (app arg `eta_in_ingress: false`, `bench.ray_handle.sets`)
   ray_batched  ray_handle with `@serve.batch` in EtaModel (app arg `eta_batching`)
@@ -47,11 +48,12 @@ from loadtest.slo import SLO
 from loadtest.traffic import Request, city_from_config
 
 BENCH = REPORTS / "bench"
-VARIANTS = ["ray_default", "ray_tuned", "ray_handle", "ray_batched", "kserve", "uvicorn", "inprocess"]
-RAY_VARIANTS = ("ray_default", "ray_tuned", "ray_handle", "ray_batched")
+VARIANTS = ["ray_default", "ray_tuned", "ray_nolog", "ray_handle", "ray_batched", "kserve", "uvicorn", "inprocess"]
+RAY_VARIANTS = ("ray_default", "ray_tuned", "ray_nolog", "ray_handle", "ray_batched")
 DESCRIPTIONS = {
     "ray_default": "(a) Courier on Ray Serve, Ray's defaults",
     "ray_tuned": "(b) Courier on Ray Serve, as shipped (tuned)",
+    "ray_nolog": "(b0) as shipped, without the prediction log",
     "ray_handle": "(b2) as shipped, but Ingress -> EtaModel handle",
     "ray_batched": "(b3) as (b2), with @serve.batch in EtaModel",
     "kserve": "(c) KServe ModelServer",

@@ -10,6 +10,7 @@ from ray.serve import Application
 from serving.blending import SponsoredPolicy
 from serving.eta import EtaModel
 from serving.ingress import Ingress
+from serving.prediction_log import PredictionLogArgs
 
 
 class FeedArgs(BaseModel):
@@ -52,6 +53,8 @@ class AppArgs(BaseModel):
     eta_batching: EtaBatching | None = Field(None, description="Batch /v1/eta across requests in EtaModel "
                                              "(with eta_in_ingress false); null: one by one.")
     feed: FeedArgs | None = Field(None, description="The feed's models and policy; null serves ETA only.")
+    prediction_log: PredictionLogArgs | None = Field(None, description="Log every answered /v1/eta and /v1/feed "
+                                                     "to a Redis stream (docs/monitoring.md); null: no log.")
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -78,4 +81,5 @@ def build_app(args: dict[str, Any]) -> Application:
         models["ranker"] = Ranker.bind(settings.feed.ranker_model_dir, **store, **cache)
         feed = {"candidates": settings.feed.candidates, "sponsored": settings.feed.sponsored.model_dump()}
     local_eta = {"model_dir": settings.model_dir, **store} if settings.eta_in_ingress else None
-    return Ingress.bind(models, settings.max_body_bytes, feed, local_eta)
+    log = settings.prediction_log.model_dump() if settings.prediction_log else None
+    return Ingress.bind(models, settings.max_body_bytes, feed, local_eta, log)

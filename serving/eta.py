@@ -18,7 +18,7 @@ from ray import serve
 
 from feature_repo.store import open_store
 from models import geo
-from models.eta.features import build_inputs
+from models.eta.features import FEATURE_NAMES, build_inputs
 from serving.errors import NotFound
 from serving.features import FeatureRows, OnlineFeatures, StoreUnavailable
 from serving.metrics import ServingMetrics
@@ -51,15 +51,19 @@ class EtaPipeline(ServedOnnxModel):
         self.defaults = manifest.feature_defaults
         self.directory = _restaurant_directory(self.model.directory / RESTAURANT_DIRECTORY)
         self.metrics = metrics or ServingMetrics(export=export_metrics)
+        self.metrics.model_loaded("eta", manifest.version, manifest.created_at)
         logger.info("EtaModel %s serving with feature service %s (%s online store)",
                     manifest.version, manifest.feature_service, online_store)
 
-    def predict(self, request: EtaRequest) -> dict[str, Any]:
-        """ETA for one validated request; falls back to the artifact's directory if the store is down."""
+    def predict(self, request: EtaRequest, include_inputs: bool = False) -> dict[str, Any]:
+        """ETA for one validated request; falls back to the artifact's directory if the store is down.
+
+        `include_inputs`: add `model_inputs` (the model's input row by feature name) for the prediction log.
+        """
         answer = self.predict_batch([request])[0]
         if isinstance(answer, NotFound):
             raise answer
-        return answer
+        return answer if include_inputs else _without_inputs(answer)
 
     def predict_batch(self, requests: list[EtaRequest]) -> list[dict[str, Any] | NotFound]:
         """ETAs of several `/v1/eta` requests in one feature read and one ONNX call.
@@ -70,18 +74,19 @@ class EtaPipeline(ServedOnnxModel):
         rows = self._rows_of(requests)
         return self._answers(requests, self._estimate(rows, self._read(rows, "eta"), "eta"))
 
-    async def predict_async(self, request: EtaRequest) -> dict[str, Any]:
+    async def predict_async(self, request: EtaRequest, include_inputs: bool = False) -> dict[str, Any]:
         """`predict` for an event loop (the Ingress): it awaits the feature read instead of blocking on it."""
         rows = self._rows_of([request])
         answer = self._answers([request], self._estimate(rows, await self._read_async(rows, "eta"), "eta"))[0]
         if isinstance(answer, NotFound):
             raise answer
-        return answer
+        return answer if include_inputs else _without_inputs(answer)
 
     def _answers(self, requests: list[EtaRequest], estimate: _Estimate) -> list[dict[str, Any] | NotFound]:
         fallback = estimate.fallback and f"{estimate.fallback}; used the model's restaurant directory and typical live features"
         if fallback:  # one degraded answer per request
             self.metrics.fallbacks.inc(len(requests), tags={"endpoint": "eta", "reason": "online_store_unavailable"})
+        self.metrics.feature_freshness(estimate.expired)
         answers: list[dict[str, Any] | NotFound] = []
         for i, (request, eta) in enumerate(zip(requests, estimate.minutes)):
             if eta is None:
@@ -96,6 +101,7 @@ class EtaPipeline(ServedOnnxModel):
                 "expired_features": sorted(view for view, flags in estimate.expired.items() if flags[i]),
                 "degraded": fallback is not None,
                 "fallback": fallback,
+                "model_inputs": estimate.inputs[i],
             })
         return answers
 
@@ -145,16 +151,20 @@ class EtaPipeline(ServedOnnxModel):
             columns, ages, expired = read.columns, read.age_seconds, read.expired
         known = [i for i, lat in enumerate(columns["lat"]) if lat is not None]
         minutes: list[float | None] = [None] * len(rows.restaurant_ids)
+        inputs: list[dict[str, float] | None] = [None] * len(rows.restaurant_ids)
         if known:
             batch = {name: [values[i] for i in known] for name, values in columns.items()}
             batch.update(delivery_lat=[rows.delivery_lats[i] for i in known],
                          delivery_lon=[rows.delivery_lons[i] for i in known],
                          order_time=[rows.order_times[i] for i in known], area_id=[rows.areas[i] for i in known])
+            tensors = build_inputs(batch, self.defaults)
             with self.metrics.stage(endpoint, _stage(endpoint, "inference")):
-                predicted = self.model.run(build_inputs(batch, self.defaults))["eta_minutes"].reshape(-1)
-            for i, value in zip(known, predicted):
+                predicted = self.model.run(tensors)["eta_minutes"].reshape(-1)
+            for row, (i, value) in enumerate(zip(known, predicted)):
                 minutes[i] = round(float(value), 2)
-        return _Estimate(minutes, ages, expired, fallback)
+                if endpoint == "eta":  # what the model saw, for the prediction log (not the feed's 100 rows)
+                    inputs[i] = dict(zip(FEATURE_NAMES, tensors["dense"][row].tolist()))
+        return _Estimate(minutes, ages, expired, fallback, inputs)
 
 
 def _stage(endpoint: str, name: str) -> str:
@@ -185,6 +195,7 @@ class _Estimate:
     ages: dict[str, list[float | None]]  # per view, per row (empty when the store was down)
     expired: dict[str, list[bool]]
     fallback: str | None  # why the store was not used, or None
+    inputs: list[dict[str, float] | None]  # the model's dense input row by feature name (/v1/eta only)
 
 
 @serve.deployment(name="EtaModel")
@@ -202,18 +213,23 @@ class EtaModel(EtaPipeline):
             self._predict_batched.set_max_batch_size(int(batching["max_batch_size"]))
             self._predict_batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
 
-    async def eta(self, request: EtaRequest) -> dict[str, Any]:
+    async def eta(self, request: EtaRequest, include_inputs: bool = False) -> dict[str, Any]:
         """The answer to one `/v1/eta` request (batched with others in flight when configured)."""
         if not self.batching:
-            return self.predict(request)
+            return self.predict(request, include_inputs)
         answer = await self._predict_batched(request)
         if isinstance(answer, NotFound):
             raise answer
-        return answer
+        return answer if include_inputs else _without_inputs(answer)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _predict_batched(self, requests: list[EtaRequest]) -> list[dict[str, Any] | NotFound]:
         return self.predict_batch(requests)
+
+
+def _without_inputs(answer: dict[str, Any]) -> dict[str, Any]:
+    """The response body: the answer without the model's inputs (those are for the prediction log)."""
+    return {key: value for key, value in answer.items() if key != "model_inputs"}
 
 
 def _unknown_restaurant(request: EtaRequest, store_down: bool) -> NotFound:

@@ -7,6 +7,7 @@ and every request pays for a framework's routing and serialization layers.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -21,7 +22,14 @@ from serving.blending import SponsoredPolicy
 from serving.errors import CourierError, MethodNotAllowed, NotFound, PayloadTooLarge
 from serving.feed import FeedComposer
 from serving.metrics import ServingMetrics
-from serving.schemas import parse_eta_request, parse_feed_request, parse_v2_request
+from serving.prediction_log import PredictionLog, PredictionLogArgs, request_id
+from serving.schemas import (
+    EtaRequest,
+    FeedRequest,
+    parse_eta_request,
+    parse_feed_request,
+    parse_v2_request,
+)
 
 logger = logging.getLogger("ray.serve")
 ROUTES = {
@@ -34,10 +42,10 @@ ROUTES = {
 }
 
 
-def json_response(body: Any, status: int = 200) -> Response:
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """orjson-encoded response; numpy arrays are serialized natively."""
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json")
+                    media_type="application/json", headers=headers)
 
 
 @serve.deployment(name="Ingress")
@@ -45,15 +53,20 @@ class Ingress:
     """Routes requests to the model deployments; owns every 4xx decision."""
 
     def __init__(self, models: dict[str, DeploymentHandle], max_body_bytes: int = 65536,
-                 feed: dict[str, Any] | None = None, local_eta: dict[str, Any] | None = None):
+                 feed: dict[str, Any] | None = None, local_eta: dict[str, Any] | None = None,
+                 prediction_log: dict[str, Any] | None = None):
         """`models` maps Open Inference Protocol names to deployments ("eta", and with the feed
         "ranker" and "user_tower"); `feed` holds the feed's candidate count and sponsored policy;
-        `local_eta` (EtaPipeline arguments) makes this replica answer /v1/eta itself."""
+        `local_eta` (EtaPipeline arguments) makes this replica answer /v1/eta itself;
+        `prediction_log` (PredictionLogArgs) logs every answered /v1/eta and /v1/feed."""
         self.models = models
         self.max_body_bytes = max_body_bytes
         self.specs: dict[str, list[dict[str, Any]]] = {}  # input specs, fetched once per model
         self.metadata: dict[str, dict[str, Any]] = {}
         self.metrics = ServingMetrics()
+        self.log = None
+        if prediction_log is not None:
+            self.log = PredictionLog(PredictionLogArgs.model_validate(prediction_log), self.metrics)
         self.eta = None
         if local_eta is not None:
             from serving.eta import EtaPipeline  # the same code the EtaModel deployment runs
@@ -116,21 +129,30 @@ class Ingress:
 
     async def _eta(self, request: Request) -> Response:
         timings: dict[str, float] = {}
+        logged = self.log is not None
         with self.metrics.stage("eta", "total", timings):
             with self.metrics.stage("eta", "parse", timings):
+                rid = request_id(request.headers.get("x-request-id"))
                 eta_request = parse_eta_request(await self._body(request))
             if self.eta is not None:
-                answer = await self.eta.predict_async(eta_request)
+                answer = await self.eta.predict_async(eta_request, include_inputs=logged)
             else:
-                answer = await self.models["eta"].eta.remote(eta_request)
-        return json_response(answer)
+                answer = await self.models["eta"].eta.remote(eta_request, logged)
+        inputs = answer.pop("model_inputs", None)
+        if logged:
+            self.log.append("eta", _eta_record(rid, eta_request, answer, inputs))
+        return json_response({"request_id": rid, **answer})
 
     async def _feed(self, request: Request) -> Response:
         if self.feed is None:
             raise NotFound("the feed is not deployed in this application (no retrieval/ranker models configured)")
         with self.metrics.stage("feed", "parse"):
+            rid = request_id(request.headers.get("x-request-id"))
             feed_request = parse_feed_request(await self._body(request))
-        return json_response(await self.feed.page(feed_request))
+        body = await self.feed.page(feed_request)
+        if self.log is not None:
+            self.log.append("feed", _feed_record(rid, feed_request, body))
+        return json_response({"request_id": rid, **body})
 
     async def _v2_model_route(self, request: Request, path: str) -> Response:
         parts = path.split("/")  # ["", "v2", "models", name, (action)]
@@ -188,6 +210,31 @@ class Ingress:
             if not await self._ready(name):
                 return False
         return True
+
+
+def _eta_record(rid: str, request: EtaRequest, answer: dict[str, Any], inputs: dict[str, float] | None) -> dict:
+    """The prediction log's record of one /v1/eta answer (docs/monitoring.md)."""
+    from models import geo
+
+    return {"request_id": rid, "ts": time.time(), "endpoint": "eta", "model": "eta",
+            "model_version": answer["model_version"], "variant": None, "restaurant_id": request.restaurant_id,
+            "delivery_lat": request.delivery_lat, "delivery_lon": request.delivery_lon,
+            "order_time": request.order_time_utc().timestamp(),
+            "area_id": geo.area_id(request.delivery_lat, request.delivery_lon), "inputs": inputs,
+            "eta_minutes": answer["eta_minutes"], "degraded": answer["degraded"],
+            "expired_features": answer["expired_features"]}
+
+
+def _feed_record(rid: str, request: FeedRequest, body: dict[str, Any]) -> dict:
+    """The prediction log's record of one /v1/feed page: what was shown where, with its scores."""
+    return {"request_id": rid, "ts": time.time(), "endpoint": "feed", "model": "ranker",
+            "model_version": body["model_versions"]["ranker"], "model_versions": body["model_versions"],
+            "variant": None, "user_id": request.user_id, "user_lat": request.user_lat, "user_lon": request.user_lon,
+            "request_time": request.request_time_utc().timestamp(), "cold_start": body["cold_start"],
+            "degraded": body["degraded"],
+            "cards": [{"restaurant_id": c["restaurant_id"], "position": position, "p_order": c["p_order"],
+                       "eta_minutes": c["eta_minutes"], "sponsored": c["sponsored"]}
+                      for position, c in enumerate(body["cards"], start=1)]}
 
 
 def _datatype(array: Any) -> str:

@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 # Milliseconds: fine below 10 ms where the work is, coarse above the 100 ms SLO.
 LATENCY_BUCKETS_MS = [0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500]
@@ -25,14 +25,19 @@ class _Discard:
     def inc(self, *args, **kwargs) -> None:
         pass
 
+    def set(self, *args, **kwargs) -> None:
+        pass
+
 
 class ServingMetrics:
-    """Per-stage latency, fallbacks and refused requests, tagged by endpoint."""
+    """Per-stage latency, fallbacks, refused requests, the prediction log, feature freshness, model age."""
 
     def __init__(self, export: bool = True) -> None:
         """`export=False` keeps the timing API but exports nothing (code running outside Ray Serve)."""
         if not export:
             self.stage_ms = self.fallbacks = self.rejected = _Discard()
+            self.predictions_logged = self.predictions_dropped = _Discard()
+            self.feature_reads = self.feature_expired_reads = self.model_trained = _Discard()
             return
         self.stage_ms = Histogram("courier_stage_latency_ms", description="Latency of one serving stage, ms.",
                                   boundaries=LATENCY_BUCKETS_MS, tag_keys=("endpoint", "stage"))
@@ -40,6 +45,32 @@ class ServingMetrics:
                                  tag_keys=("endpoint", "reason"))
         self.rejected = Counter("courier_rejected_requests_total", description="Requests refused with a 4xx/5xx.",
                                 tag_keys=("endpoint", "status"))
+        self.predictions_logged = Counter("courier_predictions_logged_total", tag_keys=("endpoint",),
+                                          description="Predictions written to the prediction log.")
+        self.predictions_dropped = Counter("courier_prediction_log_dropped_total", tag_keys=("endpoint", "reason"),
+                                           description="Predictions answered but not logged (sink down, buffer full).")
+        self.feature_reads = Counter("courier_feature_reads_total", tag_keys=("view",),
+                                     description="Feature rows read per view (/v1/eta).")
+        self.feature_expired_reads = Counter("courier_feature_expired_reads_total", tag_keys=("view",),
+                                             description="Reads that found the view's value past its TTL (/v1/eta).")
+        self.model_trained = Gauge("courier_model_trained_timestamp_seconds", tag_keys=("model", "version"),
+                                   description="When the served model was trained (epoch seconds).")
+
+    def model_loaded(self, model: str, version: str, created_at: str) -> None:
+        """Export when a served model was trained (its age is time() minus this)."""
+        from datetime import datetime
+
+        if created_at:
+            stamp = datetime.fromisoformat(created_at).timestamp()
+            self.model_trained.set(stamp, tags={"model": model, "version": version})
+
+    def feature_freshness(self, expired: dict[str, list[bool]]) -> None:
+        """Count the rows read per view and those that found it expired."""
+        for view, flags in expired.items():
+            self.feature_reads.inc(len(flags), tags={"view": view})
+            stale = sum(flags)
+            if stale:
+                self.feature_expired_reads.inc(stale, tags={"view": view})
 
     @contextmanager
     def stage(self, endpoint: str, stage: str, into: dict[str, float] | None = None) -> Iterator[None]:

@@ -38,6 +38,7 @@ class RankerPipeline(ServedOnnxModel):
         self.features.warm_up({"user_id": 1, "restaurant_id": 1, "user_lat": 0.0, "user_lon": 0.0})
         self.defaults = self.model.manifest.feature_defaults
         self.metrics = ServingMetrics(export=export_metrics)
+        self.metrics.model_loaded("ranker", self.model.version, self.model.manifest.created_at)
         # restaurant_id -> place, cuisine and price at training time: what ranking needs when the store is down
         directory = pd.read_parquet(self.model.directory / "restaurants.parquet")
         self.directory = directory.set_index("restaurant_id")[list(DIRECTORY_COLUMNS)].to_dict("index")

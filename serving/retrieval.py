@@ -62,6 +62,7 @@ class RetrievalPipeline(ServedOnnxModel):
         self.defaults = self.model.manifest.feature_defaults
         self.directory_max_age_s, self.radius_km = directory_max_age_s, radius_km
         self.metrics = ServingMetrics(export=export_metrics)
+        self.metrics.model_loaded("retrieval", self.model.version, self.model.manifest.created_at)
         self._lock = threading.Lock()
         self.directory = self._read_directory()
 

@@ -73,12 +73,36 @@ def serve_overrides(data_dir: Path, eta_artifacts: Path, retrieval_trained, rank
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory, city_dir, feature_store, eta_artifacts, retrieval_trained, ranker_trained):
+def known(city_dir) -> dict:
+    """A real order of the small city, as a /v1/eta body."""
+    import pandas as pd
+
+    order = pd.read_parquet(city_dir / "offline" / "orders.parquet").iloc[-1]
+    return {"restaurant_id": int(order.restaurant_id), "delivery_lat": float(order.delivery_lat),
+            "delivery_lon": float(order.delivery_lon), "order_time": "2026-11-18T19:00:00Z"}
+
+
+@pytest.fixture(scope="session")
+def served_log_stream() -> str:
+    """The session server's prediction log: a stream of its own on the local Redis, deleted afterwards."""
+    import uuid
+
+    import redis
+
+    stream = f"courier-test:{uuid.uuid4().hex[:8]}:predictions"
+    yield stream
+    redis.Redis(host="127.0.0.1", port=6379).delete(stream)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, city_dir, feature_store, eta_artifacts, retrieval_trained, ranker_trained,
+           served_log_stream):
     """The real Ray Serve app (serving.launch with the project's serve config) on free ports."""
     from serving.launch import BackgroundServer
 
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    overrides = ["--num-cpus", "2", *serve_overrides(city_dir, eta_artifacts, retrieval_trained, ranker_trained)]
+    overrides = ["--num-cpus", "2", *serve_overrides(city_dir, eta_artifacts, retrieval_trained, ranker_trained,
+                                                     prediction_log={"stream": served_log_stream, "maxlen": 100000})]
     with BackgroundServer(free_port(), free_port(), log, extra=overrides) as server:
         yield server
 

@@ -28,14 +28,6 @@ def client(served):
 
 
 @pytest.fixture(scope="module")
-def known(city_dir) -> dict:
-    """A real order of the small city, as a /v1/eta body."""
-    order = pd.read_parquet(city_dir / "offline" / "orders.parquet").iloc[-1]
-    return {"restaurant_id": int(order.restaurant_id), "delivery_lat": float(order.delivery_lat),
-            "delivery_lon": float(order.delivery_lon), "order_time": "2026-11-18T19:00:00Z"}
-
-
-@pytest.fixture(scope="module")
 def model(eta_artifacts) -> OnnxModel:
     return OnnxModel(eta_artifacts / "eta" / "current")
 
@@ -285,6 +277,8 @@ class OwnRedis:
 def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, city_summary, eta_artifacts, known,
                                                         retrieval_trained, ranker_trained):
     """With the Redis online store down, /v1/eta answers from the fallback and says so; then recovers.
+    The prediction log lives on the same Redis here: while it is down answers still go out, and the
+    log's dropped counter says how many could not be logged.
 
     This server answers /v1/eta through the EtaModel deployment with `@serve.batch` on (the
     shipped config answers it in the Ingress), so both paths run under Ray Serve in the suite.
@@ -311,7 +305,8 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
                                                          feast_project=project, eta_in_ingress=False,
                                                          feed_args={"feature_cache_s": 0},
                                                          eta_batching={"max_batch_size": 8,
-                                                                       "batch_wait_timeout_s": 0.005})]
+                                                                       "batch_wait_timeout_s": 0.005},
+                                                         prediction_log={"redis": own.address})]
         with BackgroundServer(free_port(), free_port(), tmp_path / "serve.log", extra=overrides) as server:
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 normal = http.post("/v1/eta", json=known).json()
@@ -334,6 +329,8 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
                 assert feed.status_code == 200, feed.text
                 assert feed.json()["degraded"] is True and feed.json()["cards"]
                 assert all(card["eta_minutes"] > 0 for card in feed.json()["cards"])
+                assert _metric_total(server.metrics_port, "ray_courier_prediction_log_dropped_total",
+                                     'reason="sink_unavailable"') >= 1
 
                 own.start()
                 load_store()  # this Redis keeps nothing on disk: materialize again, as the CronJob would
@@ -353,6 +350,20 @@ def test_an_empty_feature_read_answers_empty_and_leaves_the_store_up(eta_artifac
     assert pipeline.predict_many([], known["delivery_lat"], known["delivery_lon"], 1.7e9) == {
         "eta_minutes": [], "model_version": pipeline.model.version, "fallback": None}
     assert pipeline.predict(parse_eta_request(json.dumps(known).encode()))["degraded"] is False
+
+
+def _metric_total(port: int, name: str, label: str, timeout_s: float = 60) -> float:
+    """The sum of a metric's samples carrying `label`, once Ray's agent exports any (else 0 after the wait)."""
+    deadline = time.monotonic() + timeout_s
+    total = 0.0
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith(name) and label in line)
+        if total > 0:
+            return total
+        time.sleep(2)
+    return total
 
 
 async def _post_together(url: str, bodies: list[dict]) -> list[httpx.Response]:

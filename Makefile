@@ -74,6 +74,27 @@ serve: setup ## Run the Ray Serve app in the foreground on PORT (Ctrl-C stops it
 bench-onnx: setup ## Compare ONNX Runtime session options on the served model (table for docs/benchmarks.md)
 	$(PY) -m serving.session_bench
 
+##@ The live city and monitoring
+
+SPEED ?= 1
+SCENARIO ?= normal
+
+.PHONY: world
+world: setup ## The live city against `make serve` (SPEED=60 compresses the clock, SCENARIO=rain|new-restaurants|taste-shift)
+	$(PY) -m city --url http://127.0.0.1:$(PORT) --speed $(SPEED) --scenario $(SCENARIO)
+
+.PHONY: monitor
+monitor: setup ## The monitor (joins, online metrics, drift, freshness on :9108) and Prometheus with the alert rules on :9090
+	$(PY) -m monitoring.local --time-scale $(SPEED)
+
+.PHONY: drift-drill
+drift-drill: setup ## Healthy city, then rain (the ETA error alert must fire), then no pushes (the freshness alert must fire)
+	$(PY) -m monitoring.drill
+
+.PHONY: monitor-report
+monitor-report: setup ## Plots of what the monitoring saw (from `make monitor`'s Prometheus, or FROM_DRILL=1)
+	$(PY) -m monitoring.report $(if $(FROM_DRILL),--from-drill)
+
 ##@ Kubernetes
 # The chart, images and local-cluster path (docs/kubernetes.md). K8S=kind|minikube picks the
 # local cluster; RELEASE, NAMESPACE, CLUSTER and IMAGE_TAG can be overridden like any variable.
@@ -103,7 +124,7 @@ chart-lint: ## helm lint --strict and helm template of the chart with its defaul
 
 .PHONY: chart-test
 chart-test: setup ## Offline chart checks: lint, every toggle, schemas, CRDs, KubeRay/KServe rules, fit, security scan
-	$(PY) -m pytest tests/test_chart.py tests/test_chart_contract.py -q
+	$(PY) -m pytest tests/test_chart.py tests/test_chart_contract.py tests/test_monitoring_chart.py -q
 
 .PHONY: chart-check
 chart-check: setup ## KubeRay's validation, KServe's runtime choice and the fit on the minimum clusters (VALUES=my.yaml)

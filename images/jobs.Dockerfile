@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # Courier's jobs image: the simulator, Feast (apply, materialize, feature server), training and
-# ONNX export, Locust, the chaos drill and the helm test. Build from the repository root:
+# ONNX export, the live city, the monitor, Locust, the chaos drill and the helm test. Build from the
+# repository root:
 #   docker build -f images/jobs.Dockerfile -t courier-jobs:0.1.0 .
 FROM python:3.11-slim-bookworm
 
@@ -23,10 +24,12 @@ COPY serving/ serving/
 COPY models/ models/
 COPY feature_repo/ feature_repo/
 COPY loadtest/ loadtest/
+COPY city/ city/
+COPY monitoring/ monitoring/
 
 # The shared volume is mounted at /data (see serving.Dockerfile); byte-compile for the read-only root.
 RUN ln -s /data /app/data && ln -s /data/artifacts /app/artifacts && ln -s /data/reports /app/reports \
- && python -m compileall -q serving models feature_repo loadtest
+ && python -m compileall -q serving models feature_repo loadtest city monitoring
 
 USER 1000:100
 ENV PYTHONPATH=/app \

@@ -24,6 +24,25 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
+def store_pids() -> list[int]:
+    """The local redis-server on COURIER_REDIS's port: it holds the prediction log (and the Redis online
+    store), so its CPU is the service's, not other work on the machine."""
+    import psutil
+
+    address = os.environ.get("COURIER_REDIS", "127.0.0.1:6379").split(",")[0]
+    port = int(address.rsplit(":", 1)[1])
+    pids = []
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] != "redis-server":
+            continue
+        try:
+            if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in proc.connections("tcp")):
+                pids.append(proc.pid)
+        except psutil.Error:  # gone, or not ours to read
+            continue
+    return pids
+
+
 def role(command: str) -> str:
     """A short role name for a process of a Courier server."""
     name = Path(command.split(" ", 1)[0]).name
@@ -48,6 +67,7 @@ class CpuMeter:
 
     def __init__(self, server_pid: int):
         self.server_pid = server_pid
+        self.stores = store_pids()
         self.before: dict[int, tuple[str, float]] = {}
 
     def _snapshot(self) -> dict[int, tuple[str, float]]:
@@ -58,6 +78,8 @@ class CpuMeter:
                 argv = cmdline(pid)
                 snap[pid] = (role(" ".join(a for a in argv if a)) if pid != self.server_pid else "server main process",
                              seconds)
+        for pid in self.stores:
+            snap[pid] = ("redis-server (prediction log)", _cpu_seconds(pid) or 0.0)
         me = os.getpid()
         snap[me] = ("load generator", _cpu_seconds(me) or 0.0)
         return snap
@@ -80,8 +102,8 @@ def _system_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / TICKS
 
 
-def _tree_seconds(root_pid: int | None) -> float:
-    pids = [os.getpid()] + ([root_pid, *descendants(root_pid)] if root_pid else [])
+def _tree_seconds(root_pid: int | None, stores: list[int] = ()) -> float:
+    pids = [os.getpid()] + ([root_pid, *descendants(root_pid), *stores] if root_pid else [])
     return sum(_cpu_seconds(pid) or 0.0 for pid in pids)
 
 
@@ -94,12 +116,13 @@ class ForeignLoad:
 
     def __init__(self, server_pid: int | None = None):
         self.server_pid = server_pid
+        self.stores = store_pids() if server_pid else []
         self._start: tuple[float, float, float] | None = None
 
     def start(self) -> None:
         import time
 
-        self._start = (time.monotonic(), _system_busy_seconds(), _tree_seconds(self.server_pid))
+        self._start = (time.monotonic(), _system_busy_seconds(), _tree_seconds(self.server_pid, self.stores))
 
     def stop(self) -> dict[str, float]:
         import time
@@ -107,7 +130,7 @@ class ForeignLoad:
         assert self._start is not None, "start() first"
         t0, busy0, ours0 = self._start
         wall = max(time.monotonic() - t0, 1e-9)
-        busy, ours = _system_busy_seconds() - busy0, _tree_seconds(self.server_pid) - ours0
+        busy, ours = _system_busy_seconds() - busy0, _tree_seconds(self.server_pid, self.stores) - ours0
         return {"busy_cores": round(busy / wall, 3), "ours_cores": round(ours / wall, 3),
                 "foreign_cores": round(max(busy - ours, 0.0) / wall, 3)}
 

@@ -1,7 +1,8 @@
 """`make demo`: the whole path on one machine, narrated, then everything stopped.
 
 simulate -> feast apply + materialize -> train, evaluate, export -> Ray Serve ->
-sample requests -> a short open-loop load -> stop.
+sample requests -> a short open-loop load -> a minute of the live city, watched by the
+monitor -> stop.
 """
 
 from __future__ import annotations
@@ -88,15 +89,65 @@ def run_locust(base: str, seconds: int) -> None:
                     "--exit-code-on-error", "0"], cwd=PROJECT_ROOT, env=env, check=True)
 
 
+def live_city(base: str, seconds: float, speed: float, stream: str) -> None:
+    """The live city against the demo's server for a while, on a compressed clock, with the monitor
+    joining its outcomes to the prediction log; one line of online metrics at the end."""
+    import math
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the city calls the simulator's batch steps every tick
+    from city.live import City
+    from city.push import open_online_store
+    from city.world import World
+    from monitoring.monitor import Monitor, MonitorSettings, from_serve_config
+    from monitoring.streams import connect
+    from serving.config import SERVE_CONFIG
+
+    data = PROJECT_ROOT / "data"
+    settings = MonitorSettings.load()
+    settings.streams.predictions, settings.streams.outcomes = stream, stream.replace("predictions", "outcomes")
+    settings.drift.min_count = 100  # a minute of the city logs a few hundred predictions
+    client = connect(None)
+    monitor = Monitor(settings, client, data, from_serve_config(SERVE_CONFIG)["model_dirs"], time_scale=speed)
+    monitor.start()
+    city = City(World.load(data, speed=speed), base, store=open_online_store("sqlite", data),
+                outcomes_stream=settings.streams.outcomes, prefix=stream.rsplit(":", 1)[0], out=None)
+    try:
+        stats = city.run(duration_s=seconds)
+        time.sleep(3)  # the last outcomes reach the monitor
+    finally:
+        monitor.stop()
+        client.delete(stream, settings.streams.outcomes, *client.keys(stream.rsplit(":", 1)[0] + ":city:*"))
+    value = monitor.metrics.value
+    eta = monitor.artifacts["eta"].current_version()
+    n = value("courier_eta_outcomes_total", {"model_version": eta}) or 0
+    rmse = math.sqrt((value("courier_eta_squared_error_minutes2_total", {"model_version": eta}) or 0) / max(n, 1))
+    offline = value("courier_eta_offline_rmse_minutes", {"model_version": eta}) or float("nan")
+    bias = (value("courier_eta_error_minutes_total", {"model_version": eta}) or 0) / max(n, 1)
+    ranker = monitor.artifacts["ranker"].current_version()
+    shown = sum(value("courier_feed_impressions_total", {"model_version": ranker, "position": str(p)}) or 0
+                for p in range(1, 51))
+    ordered = sum(value("courier_feed_orders_total", {"model_version": ranker, "position": str(p)}) or 0
+                  for p in range(1, 51))
+    ages = [value("courier_feature_view_newest_age_seconds", {"view": v}) for v in ("restaurant_load_15m",
+                                                                                      "area_congestion_15m")]
+    print(f"live city: {stats['orders']} orders and {stats['sessions']} feed sessions in {seconds:g} s "
+          f"({seconds * speed / 60:.0f} world-minutes at {speed:g}x), {stats['outcomes']} outcomes reported")
+    print(f"online metrics: live ETA RMSE {rmse:.2f} min over {n:.0f} deliveries (offline {offline:.2f}), "
+          f"bias {bias:+.2f} min; feed conversion {ordered / max(shown, 1):.1%} of {shown:.0f} cards shown")
+    if any(a is not None for a in ages):
+        print(f"freshness: newest live features {max(a for a in ages if a is not None):.0f} s old (TTL 900 s)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point (`make demo`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8080)
     parser.add_argument("--load-seconds", type=int, default=30)
+    parser.add_argument("--city-seconds", type=float, default=60)
     args = parser.parse_args(argv)
     base = f"http://127.0.0.1:{args.port}"
-    total = 6
+    total = 7
     started = time.monotonic()
 
     banner(1, total, "simulating the city (restaurants, users, couriers, orders)")
@@ -109,12 +160,17 @@ def main(argv: list[str] | None = None) -> None:
         run("-m", f"models.{model}.train")
     print_metrics()
     banner(4, total, f"starting Ray Serve on {base} (log: .run/serve.log)")
-    with BackgroundServer(args.port, args.metrics_port, PROJECT_ROOT / ".run/serve.log"):
+    stream = f"courier:demo-{os.getpid()}:predictions"  # the demo's own prediction log, deleted at the end
+    log_stream = ["--set", f'prediction_log={json.dumps({"stream": stream, "maxlen": 100000})}']
+    with BackgroundServer(args.port, args.metrics_port, PROJECT_ROOT / ".run/serve.log", extra=log_stream):
         banner(5, total, "sample requests")
         sample_requests(base)
         sample_feed(base)
         banner(6, total, f"headless Locust load for {args.load_seconds} s (p50/p99 from raw latencies)")
         run_locust(base, args.load_seconds)
+        banner(7, total, f"the live city for {args.city_seconds:g} s at 60x (customers, deliveries, live features), "
+               "watched by the monitor")
+        live_city(base, args.city_seconds, 60.0, stream)
         print("\nstopping Ray Serve ...")
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; reports in reports/, model in artifacts/eta/current")
 

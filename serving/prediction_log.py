@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 import uuid
@@ -44,19 +43,17 @@ class PredictionLogArgs(BaseModel):
     batch_size: int = Field(256, gt=0, le=10_000, description="Most records sent in one pipelined round trip.")
     buffer_limit: int = Field(20_000, gt=0, description="Records waiting to be sent beyond this are dropped.")
     retry_after_s: float = Field(1.0, gt=0, description="After a failed send, leave the sink alone this long.")
+    linger_s: float = Field(0.02, ge=0, le=5, description="A send waits this long for more records to batch: "
+                            "each round trip costs the replica ~1 ms of CPU, each record ~20 µs.")
 
 
 def redis_client(address: str | None) -> Any:
-    """An asyncio Redis client for "host:port[,password=...]" (Feast's connection-string form)."""
+    """An asyncio Redis client for COURIER_REDIS's form (feature_repo/connection.py), with short timeouts."""
     import redis.asyncio as aioredis
 
-    address = address or os.environ.get("COURIER_REDIS", "127.0.0.1:6379")
-    host_port, *options = address.split(",")
-    host, _, port = host_port.rpartition(":")
-    settings = dict(option.split("=", 1) for option in options if "=" in option)
-    return aioredis.Redis(host=host or "127.0.0.1", port=int(port or 6379), password=settings.get("password"),
-                          ssl=settings.get("ssl", "false").lower() == "true", socket_timeout=2,
-                          socket_connect_timeout=2)
+    from feature_repo.connection import redis_options
+
+    return aioredis.Redis(**redis_options(address), socket_timeout=2, socket_connect_timeout=2)
 
 
 class PredictionLog:
@@ -82,8 +79,8 @@ class PredictionLog:
         self.buffer.append((endpoint, orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._send_forever())
-        if len(self.buffer) >= self.settings.batch_size:
-            self._wake.set()
+        if len(self.buffer) == 1 or len(self.buffer) >= self.settings.batch_size:
+            self._wake.set()  # the first record wakes the sender (idle, it costs nothing); a full batch too
 
     async def flush(self) -> None:
         """Send everything buffered now (tests, shutdown); returns once nothing is in flight."""
@@ -98,11 +95,10 @@ class PredictionLog:
 
     async def _send_forever(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=0.05)
-            except TimeoutError:
-                pass
+            await self._wake.wait()
             self._wake.clear()
+            if len(self.buffer) < self.settings.batch_size:
+                await asyncio.sleep(self.settings.linger_s)  # one round trip for the records of the next 20 ms
             while self.buffer:
                 await self._send_batch()
 
@@ -150,7 +146,9 @@ def request_id(header: str | None) -> str:
     """The caller's X-Request-Id, else the id Ray Serve gave the request (it answers with it in its
     own X-Request-ID header), else a new uuid4; a malformed header is a 422 naming it."""
     if header is None:
-        from ray.serve.context import _get_serve_request_context  # Ray's id: one id in its logs and ours
+        from ray.serve.context import (
+            _get_serve_request_context,  # Ray's id: one id in its logs and ours
+        )
 
         return _get_serve_request_context().request_id or uuid.uuid4().hex
     if not REQUEST_ID.match(header):

@@ -86,8 +86,13 @@ def env_of(container: dict) -> dict[str, str]:
 
 def admits(policy: dict, pod_labels: dict, port: int, peer_labels: dict | None, peer_ns: str) -> bool:
     """Does one NetworkPolicy let a peer (pod labels, namespace) reach this pod on this port?"""
-    if not all(pod_labels.get(k) == v for k, v in policy["spec"]["podSelector"].get("matchLabels", {}).items()):
+    selector = policy["spec"]["podSelector"]
+    if not all(pod_labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()):
         return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", f"admits() reads only In expressions, not {expression}"
+        if pod_labels.get(expression["key"]) not in expression["values"]:
+            return False
     for rule in policy["spec"]["ingress"]:
         if "ports" in rule and port not in [p["port"] for p in rule["ports"]]:
             continue

@@ -159,3 +159,24 @@ def render_error(helm):
         assert code != 0, f"expected {scenario} {sets} to fail, it rendered"
         return stderr
     return _error
+
+
+# --- the monitor (tests/test_monitor.py, tests/test_drift_alert.py) ---------------------------------
+
+@pytest.fixture
+def fake_eta(tmp_path) -> Path:
+    """An ETA artifact with just what the monitor reads: a manifest (offline RMSE 3.5) and a reference."""
+    version = "eta-20260101000000-abcdef"
+    directory = tmp_path / "artifacts" / "eta" / version
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text(json.dumps({"name": "eta", "version": version, "feature_service": "eta_v1",
+                                                         "metrics": {"rmse": 3.5}}))
+    import numpy as np
+
+    from monitoring.reference import write_reference
+
+    rng = np.random.default_rng(1)
+    write_reference(directory, {"distance_km": rng.uniform(0, 5, 5000), "congestion_ratio": rng.uniform(0, 1, 5000)},
+                    {"eta_minutes": rng.normal(30, 5, 5000)})
+    (tmp_path / "artifacts" / "eta" / "current").symlink_to(version)
+    return tmp_path / "artifacts" / "eta" / "current"

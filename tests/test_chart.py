@@ -38,6 +38,7 @@ from chart_support import (
     render_scenario,
     scenario_files,
 )
+from test_monitoring_chart import prometheus_rule_errors
 
 from charts.checks.render import CHART, ROOT
 
@@ -108,6 +109,10 @@ def test_every_object_matches_its_schema(render, crd_validators, scenario):
             errors = [f"{list(e.absolute_path)}: {e.message[:200]}"
                       for e in crd_validators[obj["kind"]].iter_errors(obj)]
             assert not errors, f"{where} violates its CRD: {errors[:5]}"
+            continue
+        if obj["kind"] == "PrometheusRule":  # prometheus-operator's CRD, not in ../shared/crds
+            errors = prometheus_rule_errors(obj)
+            assert not errors, f"{where} violates the PrometheusRule CRD: {errors[:5]}"
             continue
         for version in KUBERNETES_VERSIONS:
             try:
@@ -189,7 +194,8 @@ def test_packaged_chart_carries_the_serve_config(helm, tmp_path):
 # --- 3. toggles add and remove what they should -------------------------------------------------
 
 def test_defaults_deploy_the_platform(render):
-    """Defaults: RayService, Redis, volume, Feast bootstrap + materialize, training, policies, helm test."""
+    """Defaults: RayService, Redis, volume, Feast bootstrap + materialize, training, the live city and the
+    monitor, policies, helm test."""
     objects = render()
     assert only(objects, "RayService")["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     only(objects, "StatefulSet", "redis")
@@ -200,7 +206,8 @@ def test_defaults_deploy_the_platform(render):
     assert len(find(objects, "NetworkPolicy")) == 2
     only(objects, "PodDisruptionBudget", "serving")
     assert only(objects, "Pod", "helm-test")["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    for absent in ("InferenceService", "Ingress", "Deployment", "Role", "ValidatingAdmissionPolicy", "Secret"):
+    assert sorted(o["metadata"]["name"] for o in find(objects, "Deployment")) == ["courier-city", "courier-monitor"]
+    for absent in ("InferenceService", "Ingress", "Role", "ValidatingAdmissionPolicy", "Secret", "PrometheusRule"):
         assert not find(objects, absent), f"{absent} should be off by default"
     assert not find(objects, "Job", "locust-master") and not find(objects, "Job", "chaos")
 
@@ -220,6 +227,8 @@ def test_minimal_turns_every_optional_object_off(render):
     ("networkPolicy.enabled=false", "NetworkPolicy", None),
     ("podDisruptionBudget.enabled=false", "PodDisruptionBudget", None),
     ("tests.enabled=false", "Pod", "helm-test"),
+    ("city.enabled=false", "Deployment", "city"),
+    ("monitor.enabled=false", "Deployment", "monitor"),
     ("redis.persistence.enabled=false", "PersistentVolumeClaim", "redis"),
     ('storage.existingClaim="mine"', "PersistentVolumeClaim", "data"),
 ])

@@ -340,3 +340,51 @@ def test_checks_command_passes_on_the_shipped_chart():
                              '"limits": {"cpu": "3", "memory": "6Gi"}}')],
                             cwd=ROOT, capture_output=True, text=True, check=False)
     assert broken.returncode == 1 and "does not fit" in broken.stderr
+
+
+# --- the live city and the monitor on Kubernetes ---------------------------------------------------
+
+
+def _args_of(deployment: dict) -> dict[str, str]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    return {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+
+
+def test_the_live_city_keeps_every_pushed_view_fresh_while_it_runs(render):
+    """On by default, the city pushes each view with a push source every 5 world-minutes (300 / speed wall
+    seconds, the simulator's snapshot cadence) into the chart's Redis, inside every such view's TTL:
+    the live views never expire while it runs (they used to, 15 minutes after install)."""
+    from feast import PushSource
+
+    from feature_repo import definitions
+    from models.simulator import SNAPSHOT
+
+    objects = render()
+    city = only(objects, "Deployment", "city")
+    args = _args_of(city)
+    assert args["--online-store"] == "redis" and args["--url"] == "http://courier-serve-svc.courier.svc:8000"
+    container = city["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"] for e in container["env"]} >= {"COURIER_REDIS", "COURIER_DATA_DIR"}
+    cadence_s = SNAPSHOT.total_seconds() / float(args["--speed"])
+    pushed = [v for v in vars(definitions).values()
+              if type(v).__name__ == "FeatureView" and isinstance(v.stream_source, PushSource)]
+    assert {v.name for v in pushed} == {"restaurant_load_15m", "area_congestion_15m"}
+    for view in pushed:
+        assert cadence_s < view.ttl.total_seconds(), f"{view.name}: pushed every {cadence_s} s, TTL {view.ttl}"
+    init = city["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["name"] == "wait-for-features"
+
+
+def test_the_monitor_reads_the_chart_redis_and_writes_the_joined_log_on_the_volume(render):
+    """The monitor joins the streams on the chart's Redis (COURIER_REDIS) and appends to /data/offline/logged:
+    it mounts the data volume writable; both it and the city are probed on their /metrics."""
+    monitor = only(render(), "Deployment", "monitor")
+    args = _args_of(monitor)
+    assert args["--data-dir"] == "/data" and args["--online-store"] == "redis" and args["--port"] == "9108"
+    container = monitor["spec"]["template"]["spec"]["containers"][0]
+    assert next(m for m in container["volumeMounts"] if m["name"] == "data").get("readOnly") is not True
+    for deployment in (monitor, only(render(), "Deployment", "city")):
+        probes = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert probes["readinessProbe"]["httpGet"]["path"] == "/metrics" == probes["livenessProbe"]["httpGet"]["path"]
+    assert not find(render("defaults", "city.enabled=false", "monitor.enabled=false"), "Deployment")

@@ -104,10 +104,18 @@ def test_request_ids_are_the_callers_when_sane():
             request_id(bad)
 
 
-def test_the_redis_address_takes_feasts_connection_string_form():
+def test_the_redis_address_takes_feasts_connection_string_form(monkeypatch):
+    """One form for every process (feature_repo/connection.py): the chart's COURIER_REDIS, password included."""
+    from feature_repo.connection import redis_options
+
     client = redis_client("redis.svc:6380,password=s3cret")
     kwargs = client.connection_pool.connection_kwargs
     assert (kwargs["host"], kwargs["port"], kwargs["password"]) == ("redis.svc", 6380, "s3cret")
+    assert redis_options("r:1,ssl=true,db=2") == {"host": "r", "port": 1, "password": None, "db": 2, "ssl": True}
+    monkeypatch.setenv("COURIER_REDIS", "elsewhere:6390")
+    assert redis_options(None)["host"] == "elsewhere"
+    with pytest.raises(ValueError, match="COURIER_REDIS"):
+        redis_options("no-port")
 
 
 @pytest.mark.integration

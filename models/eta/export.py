@@ -1,8 +1,9 @@
 """Export the ETA network to ONNX and write the versioned artifact that serving loads.
 
 Artifact layout (models/artifact.py): `<artifacts>/eta/<version>/` holds
-`model.onnx`, `manifest.json` and `restaurants.parquet` (restaurant_id, lat, lon: the
-restaurant directory at training time, serving's fallback when the online store is down).
+`model.onnx`, `manifest.json`, `restaurants.parquet` (restaurant_id, lat, lon: the
+restaurant directory at training time, serving's fallback when the online store is down) and
+`reference.json` (the training distribution of the inputs and predictions, for drift monitoring).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from models.eta.features import (
     N_DENSE,
 )
 from models.eta.network import INPUT_NAMES, OUTPUT_NAME, EtaNet
+from monitoring.reference import hour_of_day, write_reference
 
 MODEL_NAME = "eta"
 OPSET = 17
@@ -131,6 +133,30 @@ def write_restaurants(directory: Path, restaurants) -> Path:
     path = directory / RESTAURANTS_FILE
     table.sort_values("restaurant_id").to_parquet(path, index=False)
     return path
+
+
+def write_drift_reference(
+    directory: Path,
+    dense: np.ndarray,
+    predicted: np.ndarray,
+    train_order_time: np.ndarray | None = None,
+    test_order_time: np.ndarray | None = None,
+) -> Path:
+    """reference.json: the dense inputs of the training rows and the predictions on the test window.
+
+    With the order times (UTC epoch seconds) of the training rows and of the test rows, every
+    entry also holds its shares per hour of day, so the monitor compares a live window with the
+    training distribution of the hours it covers (monitoring/reference.py).
+    """
+    hours = {}
+    if train_order_time is not None:
+        hours["features"] = hour_of_day(train_order_time)
+    if test_order_time is not None:
+        hours["predictions"] = hour_of_day(test_order_time)
+    return write_reference(directory, dict(zip(FEATURE_NAMES, np.asarray(dense).T, strict=True)),
+                           {OUTPUT_NAME: predicted}, hours=hours, model=MODEL_NAME,
+                           rows={"features": "training set", "predictions": "test window",
+                                 "by_hour": "UTC hour of day of the order time"})
 
 
 def staging_dir(artifacts: Path) -> Path:

@@ -37,6 +37,7 @@ from models.eta.export import (
     onnx_predict,
     onnx_session,
     staging_dir,
+    write_drift_reference,
     write_manifest,
     write_restaurants,
 )
@@ -260,6 +261,15 @@ def _run(data_dir: Path, artifacts: Path, reports: Path, config: TrainConfig, st
             "best_epoch": history["best_epoch"],
         }
         metrics = evaluate(test, predicted, baseline, reports, context)
+        # the training rows as built, without the missing-prep copies serving does not see; per
+        # UTC hour of the order too: demand, load and ETAs follow the time of day (the meal curve)
+        write_drift_reference(
+            stage,
+            x_train["dense"][: len(train)],
+            predicted,
+            epoch_seconds(train["event_timestamp"]),
+            epoch_seconds(test["event_timestamp"]),
+        )
 
         restaurants = pd.read_parquet(data_dir / "offline" / "restaurants.parquet")
         restaurants = restaurants[restaurants["event_timestamp"] <= train["event_timestamp"].max()]

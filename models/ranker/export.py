@@ -2,8 +2,9 @@
 
 Artifact layout (models/artifact.py): `<artifacts>/ranker/<version>/` holds `model.onnx`
 (inputs dense f32 [N, D], restaurant_bucket i64 [N], position i64 [N]; output p_order f32 [N]),
-`manifest.json` and `restaurants.parquet` (restaurant_id, lat, lon, cuisine, price_level: the
-restaurant directory at training time, for computing distance when the store is down).
+`manifest.json`, `restaurants.parquet` (restaurant_id, lat, lon, cuisine, price_level: the
+restaurant directory at training time, for computing distance when the store is down) and
+`reference.json` (the distribution of p_order at the serving position, for drift monitoring).
 The version helpers are shared with the retrieval model.
 """
 
@@ -31,6 +32,7 @@ from models.ranker.features import (
     SERVING_POSITION,
 )
 from models.ranker.network import INPUT_NAMES, OUTPUT_NAME, RankerNet
+from monitoring.reference import write_reference
 
 MODEL_NAME = "ranker"
 OPSET = 17
@@ -84,6 +86,12 @@ def staging_dir(artifacts: Path, name: str) -> Path:
     path = root / f".staging-{datetime.now(UTC).strftime('%Y%m%d%H%M%S%f')}"
     path.mkdir()
     return path
+
+
+def write_drift_reference(directory: Path, at_top: np.ndarray) -> Path:
+    """reference.json: p_order at the serving position (shown first) of the evaluation impressions."""
+    return write_reference(directory, {}, {OUTPUT_NAME: at_top}, model=MODEL_NAME,
+                           rows={"predictions": "test window, scored at the serving position"})
 
 
 def write_restaurants(directory: Path, restaurants, columns: list[str]) -> Path:

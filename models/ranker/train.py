@@ -39,6 +39,7 @@ from models.ranker.export import (
     onnx_predict,
     onnx_session,
     staging_dir,
+    write_drift_reference,
     write_manifest,
     write_restaurants,
 )
@@ -346,6 +347,7 @@ def _run(data_dir: Path, artifacts: Path, reports: Path, config: TrainConfig, st
             "position_examine_true": [round(float(v), 4) for v in examine(np.arange(1, MAX_POSITION + 1))],
         }
         metrics = evaluate(test, predicted, at_top, baseline, reports, context, extra)
+        write_drift_reference(stage, at_top)
         restaurants = pd.read_parquet(data_dir / "offline" / "restaurants.parquet")
         restaurants = restaurants[restaurants["event_timestamp"] <= train["event_timestamp"].max()]
         write_restaurants(stage, restaurants, ["restaurant_id", "lat", "lon", "cuisine", "price_level"])

@@ -50,6 +50,18 @@ volumes:
 command: ["mkdir", "-p", "{{ $d }}/offline", "{{ $d }}/feast", "{{ $d }}/artifacts", "{{ $d }}/reports"]
 {{- end }}
 
+{{/* Init container that waits for the Feast bootstrap (the city on the volume and the registry). */}}
+{{- define "courier.waitForFeatures" -}}
+{{- $d := include "courier.dataDir" . }}
+{{- include "courier.jobContainerBase" (dict "ctx" . "name" "wait-for-features" "resources" (include "courier.tinyResources" . | fromYaml)) }}
+command: ["/bin/sh", "-c"]
+args:
+  - |
+    until [ -f {{ $d }}/offline/simulation.json ] && [ -f {{ $d }}/feast/registry.db ]; do
+      echo "waiting for the Feast bootstrap job (data and registry)"; sleep 10
+    done
+{{- end }}
+
 {{/* Resources of the small wait and prepare init containers. */}}
 {{- define "courier.tinyResources" -}}
 requests: {cpu: 10m, memory: 32Mi}

@@ -60,7 +60,7 @@ class OutcomeLog:
     oldest are dropped and counted) until a later flush succeeds.
     """
 
-    def __init__(self, client: aioredis.Redis, stream: str = "courier:outcomes", maxlen: int = 1_000_000,
+    def __init__(self, client: aioredis.Redis, stream: str = "courier:outcomes", maxlen: int = 50_000,
                  max_buffer: int = 100_000, batch: int = 1000):
         self.client, self.stream, self.maxlen = client, stream, maxlen
         self.max_buffer, self.batch = max_buffer, batch

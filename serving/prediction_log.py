@@ -39,7 +39,8 @@ class PredictionLogArgs(BaseModel):
 
     redis: str | None = Field(None, description="host:port[,password=...] of the Redis (null: COURIER_REDIS).")
     stream: str = Field("courier:predictions", min_length=1, description="Stream key.")
-    maxlen: int = Field(1_000_000, gt=0, description="About this many records are kept (approximate trimming).")
+    maxlen: int = Field(50_000, gt=0, description="About this many records are kept (approximate trimming); "
+                        "each takes ~1.5 KB of Redis memory.")
     batch_size: int = Field(256, gt=0, le=10_000, description="Most records sent in one pipelined round trip.")
     buffer_limit: int = Field(20_000, gt=0, description="Records waiting to be sent beyond this are dropped.")
     retry_after_s: float = Field(1.0, gt=0, description="After a failed send, leave the sink alone this long.")

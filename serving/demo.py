@@ -106,8 +106,12 @@ def live_city(base: str, seconds: float, speed: float, stream: str) -> None:
     settings = MonitorSettings.load()
     settings.streams.predictions, settings.streams.outcomes = stream, stream.replace("predictions", "outcomes")
     settings.drift.min_count = 100  # a minute of the city logs a few hundred predictions
+    settings.progress_s = 3600  # the demo prints one summary instead
     client = connect(None)
-    monitor = Monitor(settings, client, data, from_serve_config(SERVE_CONFIG)["model_dirs"], time_scale=speed)
+    from feature_repo.store import open_store
+
+    monitor = Monitor(settings, client, data, from_serve_config(SERVE_CONFIG)["model_dirs"], time_scale=speed,
+                      store=open_store("sqlite", data_dir=data))
     monitor.start()
     city = City(World.load(data, speed=speed), base, store=open_online_store("sqlite", data),
                 outcomes_stream=settings.streams.outcomes, prefix=stream.rsplit(":", 1)[0], out=None)

@@ -42,10 +42,10 @@ ROUTES = {
 }
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(body: Any, status: int = 200) -> Response:
     """orjson-encoded response; numpy arrays are serialized natively."""
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)
+                    media_type="application/json")
 
 
 @serve.deployment(name="Ingress")

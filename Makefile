@@ -58,11 +58,20 @@ features: setup ## feast apply, then materialize the online store up to the simu
 	$(PY) -m feature_repo.store apply
 	$(PY) -m feature_repo.store materialize
 
+DAYS ?= 14
+SHUFFLE ?=
+# retrain's MODEL defaults to all (the rollout targets' MODEL defaults to eta): only a MODEL given by the user counts
+RETRAIN_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),all)
+
 .PHONY: train
-train: setup ## Train, evaluate (reports/<model>) and export to ONNX (artifacts/<model>): ETA, retrieval, ranker
-	$(PY) -m models.eta.train
-	$(PY) -m models.retrieval.train
-	$(PY) -m models.ranker.train
+train: setup ## Train, evaluate, export, gate and register ETA, retrieval, ranker (champion when none yet; PROMOTE=1)
+	$(PY) -m models.eta.train $(if $(PROMOTE),--promote)
+	$(PY) -m models.retrieval.train $(if $(PROMOTE),--promote)
+	$(PY) -m models.ranker.train $(if $(PROMOTE),--promote)
+
+.PHONY: retrain
+retrain: setup ## Challenger(s) on the last DAYS (14) incl. the live city's logs, gated vs the champion (MODEL=eta, SHUFFLE=1)
+	$(PY) -m models.retrain --model $(RETRAIN_MODEL) --days $(DAYS) $(if $(SHUFFLE),--shuffle-labels)
 
 ##@ Serving
 
@@ -94,6 +103,38 @@ drift-drill: setup ## Healthy city, then rain (the ETA error alert must fire), t
 .PHONY: monitor-report
 monitor-report: setup ## Plots of what the monitoring saw (from `make monitor`'s Prometheus, or FROM_DRILL=1)
 	$(PY) -m monitoring.report $(if $(FROM_DRILL),--from-drill)
+
+##@ Model versions: rollout, shadow, canary, rollback, the experiment
+# Against `make serve` (its Ray dashboard on DASHBOARD): changes are in place, no request is lost.
+
+MODEL ?= eta
+DASHBOARD ?= http://127.0.0.1:8265
+ROLLOUT := $(PY) -m serving.rollout --dashboard $(DASHBOARD) --url http://127.0.0.1:$(PORT)
+
+.PHONY: rollout
+rollout: setup ## Serve VERSION of MODEL (alias, registry number or artifact version); CHALLENGER=, SHADOW=, CANARY= shares
+	$(ROLLOUT) rollout --model $(MODEL) $(if $(VERSION),--version $(VERSION)) $(if $(CHALLENGER),--challenger $(CHALLENGER)) \
+	  $(if $(SHADOW),--shadow $(SHADOW)) $(if $(CANARY),--canary $(CANARY))
+
+.PHONY: promote
+promote: setup ## MODEL's challenger becomes the champion (registry alias and served version)
+	$(ROLLOUT) promote --model $(MODEL)
+
+.PHONY: rollback
+rollback: setup ## MODEL back to what it served before its last change
+	$(ROLLOUT) rollback --model $(MODEL)
+
+.PHONY: rollout-status
+rollout-status: setup ## Which version, challenger, shadow and canary share each model has
+	$(ROLLOUT) status
+
+.PHONY: rollout-drill
+rollout-drill: setup ## Under load (open loop + Locust): roll MODEL out to its challenger and back; exit 1 on any failed request
+	$(PY) -m loadtest.rollout_drill --model $(MODEL)
+
+.PHONY: experiment
+experiment: setup ## The whole loop on a compressed clock: drift, alert, retrain, gate, shadow, canary, promote (reports/experiments)
+	$(PY) -m monitoring.experiment
 
 ##@ Kubernetes
 # The chart, images and local-cluster path (docs/kubernetes.md). K8S=kind|minikube picks the

@@ -192,7 +192,7 @@ class Customers:
 
     async def _order(self, order: dict[str, Any]) -> None:
         body = {"restaurant_id": int(order["restaurant_id"]), "delivery_lat": round(order["delivery_lat"], 6),
-                "delivery_lon": round(order["delivery_lon"], 6)}
+                "delivery_lon": round(order["delivery_lon"], 6), "user_id": int(order["user_id"])}  # the canary key
         answer = await self._post("eta", "/v1/eta", body)
         if answer is None:
             return

@@ -197,6 +197,15 @@ ranker_v1 = FeatureService(
     description="Features of the feed ranker p(order | impression), version 1.",
 )
 
+# What the prep-time model v1 needs (models/prep_time: Courier's worked example of adding a model,
+# docs/adding-a-model.md): the kitchen's 7-day prep statistics and its live load.
+prep_time_v1 = FeatureService(
+    name="prep_time_v1",
+    features=[restaurant_prep_7d, restaurant_load_15m],
+    description="Features of the prep-time model, version 1.",
+)
+
 ALL = [restaurant, area, restaurant_profile, restaurant_prep_7d, restaurant_load_push, restaurant_load_15m,
        area_congestion_push, area_congestion_15m, eta_v1,
-       user, restaurant_feed_stats, user_history_30d, feed_request, feed_context, retrieval_v1, ranker_v1]
+       user, restaurant_feed_stats, user_history_30d, feed_request, feed_context, retrieval_v1, ranker_v1,
+       prep_time_v1]

@@ -27,7 +27,10 @@ def _ms(action) -> float:
 
 def main() -> None:
     """Print the Markdown table of docs/benchmarks.md."""
-    pipeline = EtaPipeline("artifacts/eta/current", "sqlite", "data", feature_timeout_ms=5000)
+    from models.registry import Registry
+
+    champion = Registry().resolve("eta", "champion").path  # what `make serve` serves after `make train`
+    pipeline = EtaPipeline(str(champion), "sqlite", "data", feature_timeout_ms=5000)
     orders = pd.read_parquet(PROJECT_ROOT / "data/offline/orders.parquet").tail(64)
     requests = [EtaRequest(restaurant_id=int(o.restaurant_id), delivery_lat=float(o.delivery_lat),
                            delivery_lon=float(o.delivery_lon)) for o in orders.itertuples()]

@@ -20,10 +20,13 @@ def load_pipeline(**overrides: Any) -> Any:
     from serving.app import AppArgs
     from serving.config import load_serve_config
     from serving.eta import EtaPipeline
+    from serving.variants import locate, slots
 
-    app = next(a for a in load_serve_config()["applications"] if a["name"] == "courier")
+    config = load_serve_config()
+    app = next(a for a in config["applications"] if a["name"] == "courier")
     args = AppArgs.model_validate({**(app.get("args") or {}), **overrides})
-    return EtaPipeline(args.model_dir, online_store=args.online_store, data_dir=args.data_dir, redis=args.redis,
+    model_dir = locate("eta", slots(config)["eta"].version, args.artifacts, args.registry)  # the served version
+    return EtaPipeline(str(model_dir), online_store=args.online_store, data_dir=args.data_dir, redis=args.redis,
                        feast_project=args.feast_project, feature_timeout_ms=args.feature_timeout_ms)
 
 

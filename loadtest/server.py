@@ -47,6 +47,7 @@ class ServiceProcess:
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.timeout_s, self.log_path, self.name = timeout_s, log_path, name
         self.proc: subprocess.Popen | None = None
+        self.dashboard_url: str | None = None  # Courier's Ray dashboard (serving.rollout), when it has one
         self.lines: deque[str] = deque(maxlen=400)  # the tail of its output, for error messages
         self._ready = threading.Event()
         self._reader: threading.Thread | None = None
@@ -56,22 +57,28 @@ class ServiceProcess:
     def courier(cls, port: int | None = None, *, metrics_port: int | None = None,
                 sets: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None,
                 config: Path | None = None, log_path: Path | None = None, timeout_s: float = 240,
-                ray_defaults: bool = False) -> ServiceProcess:
+                ray_defaults: bool = False, slots: Mapping[str, object] | None = None) -> ServiceProcess:
         """Courier's Ray Serve app through `serving.launch` (ready at its COURIER READY line).
 
-        `ray_defaults` leaves out Courier's Ray settings (serving/ray_env.yaml).
+        `ray_defaults` leaves out Courier's Ray settings (serving/ray_env.yaml); `slots` sets model
+        slots (`{"eta.version": "3"}`); the Ray dashboard gets a free port (`dashboard_url`).
         """
         port = port or free_port()
+        dashboard_port = free_port()
         argv = [sys.executable, "-m", "serving.launch", "--port", str(port),
-                "--metrics-port", str(metrics_port or free_port())]
+                "--metrics-port", str(metrics_port or free_port()), "--dashboard-port", str(dashboard_port)]
         if config is not None:
             argv += ["--config", str(config)]
         if ray_defaults:
             argv.append("--ray-defaults")
         for key, value in (sets or {}).items():
             argv += ["--set", f"{key}={json.dumps(value)}"]  # JSON is YAML: nested settings survive
-        return cls(argv, url=f"http://127.0.0.1:{port}", ready_line=READY_LINE, env=env,
-                   timeout_s=timeout_s, log_path=log_path, name="courier")
+        for key, value in (slots or {}).items():
+            argv += ["--slot", f"{key}={json.dumps(value)}"]
+        service = cls(argv, url=f"http://127.0.0.1:{port}", ready_line=READY_LINE, env=env,
+                      timeout_s=timeout_s, log_path=log_path, name="courier")
+        service.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        return service
 
     @classmethod
     def python_module(cls, module: str, args: Sequence[str], port: int, *, env: Mapping[str, str] | None = None,

@@ -1,15 +1,17 @@
 """Versioned model artifacts: an ONNX file plus a manifest that says what it needs.
 
-Layout: `<root>/<model>/<version>/{model.onnx, manifest.json, ...}` and a `current`
-symlink to the version serving should load. The manifest names the Feast feature
-service the model was trained with, so serving can refuse what it cannot feed.
+Layout: `<root>/<model>/<version>/{model.onnx, manifest.json, gate.json, ...}`. Which version
+serves is the model registry's business (models/registry.py: aliases `champion`, `challenger`),
+never a path: there is no `current` link. The manifest names the Feast feature service the model
+was trained with, so serving can refuse what it cannot feed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ class ModelManifest:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "ModelManifest":
+    def from_dict(cls, raw: dict) -> ModelManifest:
         raw = dict(raw)
         raw["inputs"] = [TensorSpec(**t) for t in raw["inputs"]]
         raw["outputs"] = [TensorSpec(**t) for t in raw["outputs"]]
@@ -73,15 +75,16 @@ def load_manifest(directory: Path) -> ModelManifest:
         raise ArtifactError(f"{directory / MANIFEST} is not a valid manifest: {exc}") from exc
 
 
-def publish(root: Path, name: str, version: str) -> Path:
-    """Point `<root>/<name>/current` at a version atomically, so a reader never sees half of a switch."""
-    model_root = root / name
-    target = model_root / version
-    if not (target / MANIFEST).exists():
-        raise ArtifactError(f"cannot publish {target}: it has no {MANIFEST}")
-    tmp = model_root / ".current.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(version)
-    os.replace(tmp, model_root / "current")
-    return model_root / "current"
+def new_version(name: str, onnx_path: Path, now: datetime) -> str:
+    """`<name>-YYYYmmddHHMMSS-<6 hex of the ONNX bytes>`: sortable by time, unique by content."""
+    digest = hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()[:6]
+    return f"{name}-{now.strftime('%Y%m%d%H%M%S')}-{digest}"
+
+
+def staging_dir(artifacts: Path, name: str) -> Path:
+    """A fresh dot-folder under `<artifacts>/<name>/` to build a version in before it is named and gated."""
+    root = Path(artifacts) / name
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".staging-{datetime.now(UTC).strftime('%Y%m%d%H%M%S%f')}"
+    path.mkdir()
+    return path

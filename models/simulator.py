@@ -24,7 +24,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +79,7 @@ class SimulationConfig:
 
     def window(self) -> tuple[pd.Timestamp, pd.Timestamp, pd.Timestamp]:
         """(start of warm-up, start of the order window, end), all UTC and snapshot-aligned."""
-        end = pd.Timestamp(self.end) if self.end else pd.Timestamp(datetime.now(timezone.utc))
+        end = pd.Timestamp(self.end) if self.end else pd.Timestamp(datetime.now(UTC))
         end = (end.tz_localize("UTC") if end.tzinfo is None else end.tz_convert("UTC")).floor(SNAPSHOT)
         start = end - pd.Timedelta(days=self.days)
         return start - pd.Timedelta(days=self.warmup_days), start, end

@@ -4,8 +4,10 @@
                          [--online-store sqlite|redis|none] [--serve-config serving/serve_config.yaml]
                          [--config monitoring/config.yaml]
 
-The models are the serve config's (`model_dir`, `feed.ranker_model_dir`, `feed.retrieval_model_dir`,
-relative to the project root); the prediction stream is its `prediction_log.stream`. Joined rows go
+The artifact root is the serve config's `artifacts` (relative to the project root; default
+COURIER_ARTIFACTS, then ./artifacts): a version named in the prediction log is found at
+`<artifacts>/<model>/<model_version>/` (its manifest and drift reference); the prediction stream is
+the serve config's `prediction_log.stream`. Joined rows go
 to `<data-dir>/offline/logged/`, the Feast registry is `<data-dir>/feast`. SIGTERM (Kubernetes)
 and Ctrl-C stop it cleanly: the rows joined so far are written first.
 """
@@ -70,9 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         raise SystemExit(f"monitor: cannot serve metrics on port {args.port} ({exc}): pass --port") from None
     s = monitor.settings.streams
-    models = ", ".join(f"{m}={a.current_version() or 'none'}" for m, a in monitor.artifacts.items())
+    models = ", ".join(f"{m}: {len(a.versions())}" for m, a in monitor.artifacts.items())
     print(f"monitor ready: metrics at http://0.0.0.0:{args.port}/metrics; streams {s.predictions} + {s.outcomes} "
-          f"(group {s.group}); models {models}; time scale {args.time_scale:g}", flush=True)
+          f"(group {s.group}); versions on disk under {monitor.artifact_root} ({models}); time scale {args.time_scale:g}", flush=True)
     try:
         while not stop.wait(0.5):
             if not monitor.alive():

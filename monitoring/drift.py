@@ -19,6 +19,9 @@ inputs nearly match the hour-mixture by construction (little to learn from them)
 one weekday while training covers all seven, which the hourly reference does not condition on.
 References written before the hourly shares (no `by_hour`) are compared with the global shares.
 
+Shadow records (a challenger's answer, logged beside the answer given) are left out: they carry
+the answer but not the inputs. The PSI is per version, whichever variant it served as.
+
 The ranker's PSI is exported but does not alert (CourierPredictionDrift is for model="eta"): the
 feed logs p_order of the cards it shows, the model's own top picks, while its reference describes
 the logging policy's impressions, so the two differ without any drift.
@@ -67,8 +70,8 @@ class DriftMonitor:
     def observe(self, record: dict[str, Any]) -> None:
         """Add one logged prediction (docs/monitoring.md record) to its version's window."""
         model, version = record.get("model"), record.get("model_version")
-        if model not in PREDICTION_OF or not isinstance(version, str):
-            return
+        if model not in PREDICTION_OF or not isinstance(version, str) or record.get("variant") == "shadow":
+            return  # a shadow record carries the answer, not the inputs: its windows would fill with gaps
         window = self._window(model, version)
         if model == "eta":
             window.prediction.append(_float(record.get("eta_minutes")))

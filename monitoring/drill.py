@@ -89,13 +89,9 @@ def watch_quiet(prometheus: Any, seconds: float, every_s: float = 5.0, say: Call
 def run_drill(data_dir: Path, speed: float = 60.0, healthy_s: float = 150.0, rain_within_s: float = 360.0,
               stale_within_s: float = 180.0, out_dir: Path = REPORTS, seed: int = 0) -> dict[str, Any]:
     """Run the three phases; returns the results (also written to out_dir/drill.json)."""
-    from city.live import City
-    from city.world import World
-    from feature_repo.store import open_store
     from loadtest.chaos import RedisServer, prepare_redis_store
     from loadtest.server import ServiceProcess, free_port
-    from monitoring.monitor import Monitor
-    from monitoring.prometheus import PrometheusServer
+    from monitoring.watch import watch_city
     from serving.config import load_serve_config
 
     _check_inputs(data_dir, load_serve_config())
@@ -116,22 +112,9 @@ def run_drill(data_dir: Path, speed: float = 60.0, healthy_s: float = 150.0, rai
                   "prediction_log": {"redis": redis.address}}))
         stack.callback(serving.stop)
         log(f"Courier on {serving.url}")
-        monitor = Monitor.build(data_dir=private, redis_address=redis.address, time_scale=speed,
-                                online_store="redis")
-        monitor_port = free_port()
-        monitor.start(monitor_port)
-        stack.callback(monitor.stop)
-        prometheus = PrometheusServer(serving_metrics=f"127.0.0.1:{metrics_port}",
-                                      monitor=f"127.0.0.1:{monitor_port}", port=free_port(),
-                                      run_dir=workdir / "prometheus")
-        stack.enter_context(prometheus)
-        prometheus.wait_ready()
-        world = World.load(data_dir, speed=speed, seed=seed)
-        city = City(world, serving.url, redis=redis.address,
-                    store=open_store("redis", data_dir=private, redis=redis.address), out=None)
-        thread = city.start()
-        stack.callback(thread.join, 30)
-        stack.callback(city.stop)
+        watched = watch_city(stack, serving_url=serving.url, metrics_port=metrics_port, redis_address=redis.address,
+                             private=private, data_dir=data_dir, speed=speed, workdir=workdir, seed=seed)
+        prometheus, city = watched.prometheus, watched.city
         started = time.time()
 
         log(f"phase 1, healthy: {healthy_s:g} s of the city as simulated (speed {speed:g}); no alert may fire")
@@ -170,10 +153,15 @@ def _check_inputs(data_dir: Path, serve_config: dict) -> None:
 
     if not (data_dir / "offline" / "simulation.json").exists():
         raise SystemExit(f"no simulated city in {data_dir}/offline: run `make data features train` (or `make demo`)")
+    from models.registry import CHAMPION, Registry, RegistryError, default_artifacts
+
     args = serve_config["applications"][0]["args"]
-    for model_dir in (args["model_dir"], args["feed"]["ranker_model_dir"], args["feed"]["retrieval_model_dir"]):
-        if not (resolve(model_dir) / "manifest.json").exists():
-            raise SystemExit(f"no model at {model_dir}: run `make train` (or `make demo`)")
+    registry = Registry(uri=args.get("registry"), artifacts=resolve(args.get("artifacts") or default_artifacts()))
+    for model in ("eta", "ranker", "retrieval"):
+        try:
+            registry.resolve(model, CHAMPION)
+        except RegistryError as exc:
+            raise SystemExit(f"no {model} champion in the registry ({exc}): run `make train` (or `make demo`)") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,17 +7,26 @@ ever report on (a load test's) cannot fill the memory. A joined record updates t
 counters of docs/monitoring.md and becomes rows of the offline store, appended as parquet files
 `<data_dir>/offline/logged/<table>/part-<UTC time>-<seq>.parquet` in batches.
 
-Table `eta_outcomes`, one row per delivery joined to its /v1/eta prediction:
+A request has up to two prediction records: the answer the caller got (`variant` "champion" or
+"challenger"; records without a variant, logged before variants, count as "champion") and, when
+the request was shadowed, the challenger's answer (`variant` "shadow", logged and never
+returned). Each record joined to the outcome becomes rows of its own, so a shadowed delivery is
+two rows of `eta_outcomes` with the same request_id: the paired comparison of monitoring/analysis.py.
+
+Table `eta_outcomes`, one row per prediction record of a delivery (its /v1/eta answer, and its
+shadow answer if any):
     request_id str, event_timestamp timestamp[us, UTC] (order time), prediction_ts, outcome_ts
-    float (epoch s), model_version str, restaurant_id int64, delivery_lat, delivery_lon float,
+    float (epoch s), model_version str, variant str (champion|challenger|shadow), restaurant_id int64, delivery_lat, delivery_lon float,
     area_id str, eta_minutes float (predicted), delivery_minutes float (delivered, as in
     orders.parquet), true_eta_minutes float (the city's noiseless expectation), error_minutes
     float (delivered - predicted), degraded bool, expired_features str (comma-separated views),
     scenario str, and input_<name> float for each dense input of models.eta.features.FEATURE_NAMES.
 
-Table `feed_impressions`, one row per card shown, joined to its session's outcome:
+Table `feed_impressions`, one row per card shown, joined to its session's outcome (and, for a
+shadowed session, one more row per card shown with the challenger's p_order, variant "shadow",
+at the position the page showed it):
     request_id str, event_timestamp timestamp[us, UTC] (request time), prediction_ts, outcome_ts
-    float, model_version str (ranker), retrieval_version, eta_version str, user_id int64,
+    float, model_version str (ranker), variant str (champion|challenger|shadow), retrieval_version, eta_version str, user_id int64,
     user_lat, user_lon float, cold_start, degraded bool, restaurant_id int64, position int64
     (1-based), p_order float, eta_minutes float (null when none), sponsored bool, ordered int64
     (0/1, as in impressions.parquet), scenario str.
@@ -49,14 +58,16 @@ _TIME = pa.timestamp("us", tz="UTC")
 SCHEMAS = {
     "eta_outcomes": pa.schema(
         [("request_id", pa.string()), ("event_timestamp", _TIME), ("prediction_ts", pa.float64()),
-         ("outcome_ts", pa.float64()), ("model_version", pa.string()), ("restaurant_id", pa.int64()),
+         ("outcome_ts", pa.float64()), ("model_version", pa.string()), ("variant", pa.string()),
+         ("restaurant_id", pa.int64()),
          ("delivery_lat", pa.float64()), ("delivery_lon", pa.float64()), ("area_id", pa.string()),
          ("eta_minutes", pa.float64()), ("delivery_minutes", pa.float64()), ("true_eta_minutes", pa.float64()),
          ("error_minutes", pa.float64()), ("degraded", pa.bool_()), ("expired_features", pa.string()),
          ("scenario", pa.string()), *[(f"input_{name}", pa.float64()) for name in FEATURE_NAMES]]),
     "feed_impressions": pa.schema(
         [("request_id", pa.string()), ("event_timestamp", _TIME), ("prediction_ts", pa.float64()),
-         ("outcome_ts", pa.float64()), ("model_version", pa.string()), ("retrieval_version", pa.string()),
+         ("outcome_ts", pa.float64()), ("model_version", pa.string()), ("variant", pa.string()),
+         ("retrieval_version", pa.string()),
          ("eta_version", pa.string()), ("user_id", pa.int64()), ("user_lat", pa.float64()),
          ("user_lon", pa.float64()), ("cold_start", pa.bool_()), ("degraded", pa.bool_()),
          ("restaurant_id", pa.int64()), ("position", pa.int64()), ("p_order", pa.float64()),
@@ -121,37 +132,59 @@ class ParquetLog:
 
 
 class Joiner:
-    """Waits for both halves of each request, then counts and logs the pair."""
+    """Waits for both halves of each request, then counts and logs the pair.
+
+    A request has one outcome and up to two prediction records: the primary (the answer the caller
+    got, `variant` "champion" or "challenger") and, when the request was shadowed, the challenger's
+    record (`variant` "shadow", logged after the answer went out). Each prediction record joined to
+    the outcome becomes its own rows. The shadow record may come after the outcome was joined to the
+    primary, so a joined outcome (with the primary, for the request's context) is kept `late_s` more.
+    """
 
     def __init__(self, metrics: MonitorMetrics, logged_dir: Path | None, expire_s: float = 3600.0,
                  batch_rows: int = 1000, batch_s: float = 30.0, max_pending: int = 200_000,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, late_s: float | None = None):
         """`logged_dir`: `<data_dir>/offline/logged` (None: no offline log); `expire_s`: how long
-        (wall seconds) a half waits for the other."""
+        (wall seconds) a half waits for the other; `late_s`: how long a joined outcome waits for a
+        prediction record of the same request still to come (a shadow; default min(expire_s, 600))."""
         self.metrics, self.expire_s, self.max_pending, self.clock = metrics, expire_s, max_pending, clock
-        # request_id -> (arrival, record); insertion order is arrival order, so expiry pops from the front
-        self.predictions: OrderedDict[str, tuple[float, dict]] = OrderedDict()
+        self.late_s = min(expire_s, 600.0) if late_s is None else late_s
+        # request_id -> (arrival, {slot: record}); slot "primary" | "shadow". Insertion order is
+        # arrival order, so expiry pops from the front.
+        self.predictions: OrderedDict[str, tuple[float, dict[str, dict]]] = OrderedDict()
         self.outcomes: OrderedDict[str, tuple[float, dict]] = OrderedDict()
         self.waiting = {(endpoint, kind): 0 for endpoint in TABLE_OF_ENDPOINT for kind in ("prediction", "outcome")}
-        self.done: OrderedDict[str, float] = OrderedDict()  # recently joined ids: a redelivery is not new
+        # recently joined ids and the slots joined: a redelivery is not new, a late shadow still joins
+        self.done: OrderedDict[str, tuple[float, set[str]]] = OrderedDict()
+        # request_id -> (joined at, outcome, primary record or None), kept late_s for late records
+        self.recent: OrderedDict[str, tuple[float, dict, dict | None]] = OrderedDict()
         self.logs = {endpoint: ParquetLog(Path(logged_dir) / table, table, metrics, batch_rows, batch_s, clock)
                      for endpoint, table in TABLE_OF_ENDPOINT.items()} if logged_dir is not None else {}
         self.stats = {"joined": 0, "expired": 0, "duplicates": 0, "ignored": 0}
 
     def add_prediction(self, record: dict[str, Any]) -> bool:
-        """Take in a prediction; True when it completed a pair."""
+        """Take in a prediction record (primary or shadow); True when it was joined to its outcome."""
         if record.get("endpoint") not in TABLE_OF_ENDPOINT:
             self.stats["ignored"] += 1
             return False
-        rid = record["request_id"]
+        rid, slot = record["request_id"], _slot(record)
         if rid in self.done:
-            self.stats["duplicates"] += 1
-            return False
-        outcome = self._take(self.outcomes, "outcome", rid)
+            if slot in self.done[rid][1]:
+                self.stats["duplicates"] += 1
+                return False
+            late = self.recent.get(rid)
+            if late is None:  # its outcome was joined too long ago: the record can no longer be paired
+                self.metrics.expired.labels(endpoint=record["endpoint"], kind="prediction").inc()
+                self.stats["expired"] += 1
+                return False
+            _, outcome, primary = late
+            self._join({slot: record}, outcome, context=primary)
+            return True
+        outcome = self._take_outcome(rid)
         if outcome is None:
-            self._wait(self.predictions, "prediction", record)
+            self._wait_prediction(rid, slot, record)
             return False
-        self._join(record, outcome)
+        self._join({slot: record}, outcome)
         return True
 
     def add_outcome(self, record: dict[str, Any]) -> bool:
@@ -163,23 +196,29 @@ class Joiner:
         if rid in self.done:
             self.stats["duplicates"] += 1
             return False
-        prediction = self._take(self.predictions, "prediction", rid)
-        if prediction is None:
-            self._wait(self.outcomes, "outcome", record)
+        entry = self.predictions.pop(rid, None)
+        if entry is None:
+            self._wait_outcome(record)
             return False
-        self._join(prediction, record)
+        records = entry[1]
+        self.waiting[(_endpoint(next(iter(records.values()))), "prediction")] -= len(records)
+        self._join(records, record)
         return True
 
     def expire(self) -> int:
         """Drop the halves that waited longer than `expire_s`; returns how many."""
-        cutoff = self.clock() - self.expire_s
+        now = self.clock()
+        cutoff = now - self.expire_s
         dropped = 0
-        for kind, waiting in (("prediction", self.predictions), ("outcome", self.outcomes)):
-            while waiting and next(iter(waiting.values()))[0] <= cutoff:
-                self._drop_oldest(waiting, kind)
-                dropped += 1
-        while self.done and next(iter(self.done.values())) <= cutoff:
+        while self.predictions and next(iter(self.predictions.values()))[0] <= cutoff:
+            dropped += self._drop_oldest_prediction()
+        while self.outcomes and next(iter(self.outcomes.values()))[0] <= cutoff:
+            self._drop_oldest_outcome()
+            dropped += 1
+        while self.done and next(iter(self.done.values()))[0] <= cutoff:
             self.done.popitem(last=False)
+        while self.recent and next(iter(self.recent.values()))[0] <= now - self.late_s:
+            self.recent.popitem(last=False)
         for (endpoint, kind), n in self.waiting.items():
             self.metrics.pending.labels(endpoint=endpoint, kind=kind).set(n)
         return dropped
@@ -194,55 +233,93 @@ class Joiner:
         for log in self.logs.values():
             log.flush()
 
-    def _wait(self, waiting: OrderedDict, kind: str, record: dict[str, Any]) -> None:
-        """Keep a half until its other half comes; the oldest goes when too many wait."""
-        rid = record["request_id"]
-        if rid in waiting:  # the same id again before its pair: the newer one counts
-            self._take(waiting, kind, rid)
-        waiting[rid] = (self.clock(), record)
-        self.waiting[(_endpoint(record), kind)] += 1
-        if len(waiting) > self.max_pending:
-            self._drop_oldest(waiting, kind)
+    def _wait_prediction(self, rid: str, slot: str, record: dict[str, Any]) -> None:
+        """Keep a prediction record until its outcome comes; the oldest request goes when too many wait."""
+        entry = self.predictions.get(rid)
+        if entry is None:
+            entry = self.predictions[rid] = (self.clock(), {})
+        if slot not in entry[1]:  # the same slot again before its pair: the newer one counts
+            self.waiting[(_endpoint(record), "prediction")] += 1
+        entry[1][slot] = record
+        if len(self.predictions) > self.max_pending:
+            self._drop_oldest_prediction()
 
-    def _take(self, waiting: OrderedDict, kind: str, rid: str) -> dict[str, Any] | None:
-        entry = waiting.pop(rid, None)
+    def _wait_outcome(self, record: dict[str, Any]) -> None:
+        rid = record["request_id"]
+        if self._take_outcome(rid) is not None:  # the same id again before its pair: the newer one counts
+            pass
+        self.outcomes[rid] = (self.clock(), record)
+        self.waiting[(_endpoint(record), "outcome")] += 1
+        if len(self.outcomes) > self.max_pending:
+            self._drop_oldest_outcome()
+
+    def _take_outcome(self, rid: str) -> dict[str, Any] | None:
+        entry = self.outcomes.pop(rid, None)
         if entry is None:
             return None
-        self.waiting[(_endpoint(entry[1]), kind)] -= 1
+        self.waiting[(_endpoint(entry[1]), "outcome")] -= 1
         return entry[1]
 
-    def _drop_oldest(self, waiting: OrderedDict, kind: str) -> None:
-        _, (_, record) = waiting.popitem(last=False)
+    def _drop_oldest_prediction(self) -> int:
+        _, (_, records) = self.predictions.popitem(last=False)
+        endpoint = _endpoint(next(iter(records.values())))
+        self.waiting[(endpoint, "prediction")] -= len(records)
+        self.metrics.expired.labels(endpoint=endpoint, kind="prediction").inc(len(records))
+        self.stats["expired"] += len(records)
+        return len(records)
+
+    def _drop_oldest_outcome(self) -> None:
+        _, (_, record) = self.outcomes.popitem(last=False)
         endpoint = _endpoint(record)
-        self.waiting[(endpoint, kind)] -= 1
-        self.metrics.expired.labels(endpoint=endpoint, kind=kind).inc()
+        self.waiting[(endpoint, "outcome")] -= 1
+        self.metrics.expired.labels(endpoint=endpoint, kind="outcome").inc()
         self.stats["expired"] += 1
 
-    def _join(self, prediction: dict[str, Any], outcome: dict[str, Any]) -> None:
-        endpoint = prediction["endpoint"]
-        expected = ENDPOINT_OF_OUTCOME[outcome["kind"]]
-        if endpoint != expected:  # a request id reused across endpoints: not a pair
-            self.stats["ignored"] += 1
-            return
-        rows = self._eta(prediction, outcome) if endpoint == "eta" else self._feed(prediction, outcome)
-        self.done[prediction["request_id"]] = self.clock()
-        self.metrics.joined.labels(endpoint=endpoint).inc()
-        self.stats["joined"] += 1
-        if endpoint in self.logs:
-            self.logs[endpoint].append(rows)
+    def _join(self, records: dict[str, dict[str, Any]], outcome: dict[str, Any],
+              context: dict[str, Any] | None = None) -> None:
+        """Rows for each prediction record of one request; `context`: the primary joined earlier."""
+        rid = outcome["request_id"]
+        primary = records.get("primary") or context
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for slot in ("primary", "shadow"):
+            record = records.get(slot)
+            if record is None:
+                continue
+            endpoint = record["endpoint"]
+            if endpoint != ENDPOINT_OF_OUTCOME[outcome["kind"]]:  # a request id reused across endpoints
+                self.stats["ignored"] += 1
+                continue
+            answer = record
+            if slot == "shadow":  # the challenger's record names its answer; the request is the primary's
+                record = {**(primary or {}), **{k: v for k, v in record.items() if v is not None}}
+                record["variant"] = "shadow"
+            made = self._eta(record, outcome) if endpoint == "eta" else self._feed(record, outcome, primary, answer)
+            rows.setdefault(endpoint, []).extend(made)
+            self.metrics.joined.labels(endpoint=endpoint).inc()
+            self.stats["joined"] += 1
+        seen = self.done.get(rid, (self.clock(), set()))[1] | set(records)
+        self.done[rid] = (self.clock(), seen)
+        if "shadow" not in seen:  # a shadow record may still come: keep what it needs
+            self.recent[rid] = (self.clock(), outcome, primary)
+        else:
+            self.recent.pop(rid, None)
+        for endpoint, made in rows.items():
+            if endpoint in self.logs:
+                self.logs[endpoint].append(made)
 
     def _eta(self, prediction: dict[str, Any], outcome: dict[str, Any]) -> list[dict[str, Any]]:
-        version = str(prediction["model_version"])
+        version, variant = str(prediction["model_version"]), _variant(prediction)
         error = float(outcome["delivered_minutes"]) - float(prediction["eta_minutes"])
-        m = self.metrics
-        m.eta_outcomes.labels(model_version=version).inc()
-        m.eta_error.labels(model_version=version).inc(error)
-        m.eta_abs_error.labels(model_version=version).inc(abs(error))
-        m.eta_squared_error.labels(model_version=version).inc(error * error)
+        m, labels = self.metrics, {"model_version": version, "variant": variant}
+        m.eta_outcomes.labels(**labels).inc()
+        m.eta_error.labels(**labels).inc(error)
+        m.eta_abs_error.labels(**labels).inc(abs(error))
+        m.eta_squared_error.labels(**labels).inc(error * error)
         inputs = prediction.get("inputs") or {}
         return [{
             "request_id": prediction["request_id"], "event_timestamp": _utc(prediction.get("order_time")),
             "prediction_ts": prediction.get("ts"), "outcome_ts": outcome.get("ts"), "model_version": version,
+            "variant": variant,
             "restaurant_id": prediction.get("restaurant_id"), "delivery_lat": prediction.get("delivery_lat"),
             "delivery_lon": prediction.get("delivery_lon"), "area_id": prediction.get("area_id"),
             "eta_minutes": prediction["eta_minutes"], "delivery_minutes": outcome["delivered_minutes"],
@@ -253,23 +330,30 @@ class Joiner:
             **{f"input_{name}": inputs.get(name) for name in FEATURE_NAMES},
         }]
 
-    def _feed(self, prediction: dict[str, Any], outcome: dict[str, Any]) -> list[dict[str, Any]]:
-        version = str(prediction["model_version"])
+    def _feed(self, prediction: dict[str, Any], outcome: dict[str, Any], primary: dict[str, Any] | None,
+              answer: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per card shown. A shadow row is the challenger's p_order for a card the caller was
+        shown (at the position the champion's page gave it): conversion belongs to the page the user
+        saw, so shadow rows count only towards the top slot's calibration, not towards conversion."""
+        version, variant = str(prediction["model_version"]), _variant(prediction)
         ordered = set(outcome.get("ordered") or [])
         versions = prediction.get("model_versions") or {}
         m = self.metrics
+        shadow = variant == "shadow"
         rows = []
-        for card in prediction.get("cards") or []:
+        for card in _cards(answer, primary) if shadow else prediction.get("cards") or []:
             position, took = int(card["position"]), int(card["restaurant_id"] in ordered)
-            m.feed_impressions.labels(model_version=version, position=str(position)).inc()
-            if took:
-                m.feed_orders.labels(model_version=version, position=str(position)).inc()
+            if not shadow:
+                m.feed_impressions.labels(model_version=version, variant=variant, position=str(position)).inc()
+                if took:
+                    m.feed_orders.labels(model_version=version, variant=variant, position=str(position)).inc()
             if position == 1:
-                m.feed_top_predicted.labels(model_version=version).inc(_finite(card.get("p_order")))
-                m.feed_top_orders.labels(model_version=version).inc(took)
+                m.feed_top_predicted.labels(model_version=version, variant=variant).inc(_finite(card.get("p_order")))
+                m.feed_top_orders.labels(model_version=version, variant=variant).inc(took)
             rows.append({
                 "request_id": prediction["request_id"], "event_timestamp": _utc(prediction.get("request_time")),
                 "prediction_ts": prediction.get("ts"), "outcome_ts": outcome.get("ts"), "model_version": version,
+                "variant": variant,
                 "retrieval_version": versions.get("retrieval"), "eta_version": versions.get("eta"),
                 "user_id": prediction.get("user_id"), "user_lat": prediction.get("user_lat"),
                 "user_lon": prediction.get("user_lon"), "cold_start": prediction.get("cold_start"),
@@ -278,6 +362,37 @@ class Joiner:
                 "sponsored": card.get("sponsored"), "ordered": took, "scenario": outcome.get("scenario"),
             })
         return rows
+
+
+def _slot(record: dict[str, Any]) -> str:
+    """"shadow" for the challenger's shadow record of a request, "primary" for the answer given."""
+    return "shadow" if record.get("variant") == "shadow" else "primary"
+
+
+def _variant(record: dict[str, Any]) -> str:
+    """The record's variant; a record without one (logged before variants existed) was the champion's."""
+    variant = record.get("variant")
+    return str(variant) if variant else "champion"
+
+
+def _cards(shadow: dict[str, Any], primary: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The shown cards with the challenger's p_order: from the shadow record's `cards`, or its
+    `restaurant_ids` + `p_order` lists; each at the position the page showed it (primary's cards)."""
+    cards = None
+    if shadow.get("restaurant_ids") is not None:
+        cards = [{"restaurant_id": r, "p_order": p} for r, p in zip(shadow["restaurant_ids"], shadow.get("p_order")
+                                                                       or [], strict=False)]
+    if cards is None:
+        cards = shadow.get("cards") or []
+    shown = {int(c["restaurant_id"]): c for c in (primary or {}).get("cards") or []}
+    out = []
+    for i, card in enumerate(cards, start=1):
+        page = shown.get(int(card["restaurant_id"]), {})
+        out.append({"restaurant_id": int(card["restaurant_id"]), "p_order": card.get("p_order"),
+                    "position": card.get("position") or page.get("position") or i,
+                    "eta_minutes": page.get("eta_minutes", card.get("eta_minutes")),
+                    "sponsored": page.get("sponsored", card.get("sponsored"))})
+    return out
 
 
 def _endpoint(record: dict[str, Any]) -> str:

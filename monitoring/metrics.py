@@ -23,7 +23,8 @@ class MonitorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        version = ["model_version"]
+        # variant: "champion" | "challenger" (what the caller got) | "shadow" (logged, never returned)
+        version = ["model_version", "variant"]
         # ETA: live error against the delivered time, per model version
         self.eta_outcomes = Counter("courier_eta_outcomes", "Deliveries joined to their /v1/eta prediction.",
                                     version, registry=r)
@@ -34,12 +35,12 @@ class MonitorMetrics:
         self.eta_squared_error = Counter("courier_eta_squared_error_minutes2",
                                          "Sum of (delivered - predicted)^2, minutes^2.", version, registry=r)
         self.eta_offline_rmse = Gauge("courier_eta_offline_rmse_minutes", "The model's RMSE on its offline test "
-                                      "window (manifest).", version, registry=r)
+                                      "window (manifest).", ["model_version"], registry=r)
         # feed: conversion per position and calibration of the top slot
         self.feed_impressions = Counter("courier_feed_impressions", "Cards shown, joined to their session's "
-                                        "outcome.", ["model_version", "position"], registry=r)
-        self.feed_orders = Counter("courier_feed_orders", "Cards shown and ordered.", ["model_version", "position"],
-                                   registry=r)
+                                        "outcome.", ["model_version", "variant", "position"], registry=r)
+        self.feed_orders = Counter("courier_feed_orders", "Cards shown and ordered.",
+                                   ["model_version", "variant", "position"], registry=r)
         self.feed_top_predicted = Counter("courier_feed_top_predicted_orders", "Sum of p_order of position-1 "
                                           "cards (expected orders at the top slot).", version, registry=r)
         self.feed_top_orders = Counter("courier_feed_top_orders", "Position-1 cards ordered.", version, registry=r)

@@ -1,6 +1,6 @@
 """The monitor as one object: streams -> join, metrics, offline log; drift; freshness.
 
-    monitor = Monitor.build(data_dir=Path("data"), time_scale=60)   # models from the serve config
+    monitor = Monitor.build(data_dir=Path("data"), time_scale=60)   # artifact root from the serve config
     monitor.start(port=9108) # a consumer thread, a freshness thread, /metrics
     ...
     monitor.stop()           # flushes the offline log, joins the threads
@@ -91,34 +91,38 @@ class MonitorSettings(_Strict):
         return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
 
 
+MODELS = ("eta", "ranker", "retrieval")
+
+
 def from_serve_config(path: Path) -> dict[str, Any]:
-    """From the serve config's args: {"model_dirs": {model: dir}, "predictions": the prediction log's
-    stream key, "redis": its Redis} (None where the config does not say)."""
+    """From the serve config's args: {"artifacts": the artifact root, "predictions": the prediction
+    log's stream key, "redis": its Redis} (None where the config does not say; artifacts defaults to
+    COURIER_ARTIFACTS, then ./artifacts)."""
+    from models.registry import default_artifacts
     from serving.config import load_serve_config
     from serving.paths import resolve
 
     args = load_serve_config(path)["applications"][0].get("args", {})
-    feed = args.get("feed") or {}
-    dirs = {"eta": args.get("model_dir"), "ranker": feed.get("ranker_model_dir"),
-            "retrieval": feed.get("retrieval_model_dir")}
     log = args.get("prediction_log") or {}
-    return {"model_dirs": {model: resolve(d) for model, d in dirs.items() if d},
+    return {"artifacts": resolve(args.get("artifacts") or default_artifacts()),
             "predictions": log.get("stream"), "redis": log.get("redis")}
 
 
 class Monitor:
     """Consumes both streams, joins, exports, logs and probes; `start()`/`stop()` or `run(stop_event)`."""
 
-    def __init__(self, settings: MonitorSettings, client: redis.Redis, data_dir: Path, model_dirs: dict[str, Path],
-                 time_scale: float = 1.0, store: Any | None = None, metrics: MonitorMetrics | None = None):
-        """`store`: the Feast store to probe for freshness (None: no probe); `model_dirs` maps a
-        model ("eta", "ranker", "retrieval") to its served artifact (e.g. artifacts/eta/current)."""
+    def __init__(self, settings: MonitorSettings, client: redis.Redis, data_dir: Path, artifacts: Path,
+                 time_scale: float = 1.0, store: Any | None = None, metrics: MonitorMetrics | None = None,
+                 models: tuple[str, ...] = MODELS):
+        """`store`: the Feast store to probe for freshness (None: no probe); `artifacts`: the artifact
+        root, where a version named in the prediction log is `<artifacts>/<model>/<model_version>/`."""
         if time_scale <= 0:
             raise ValueError(f"time_scale must be > 0 (1 = real time), got {time_scale}")
         self.settings, self.client, self.time_scale = settings, client, time_scale
         self.data_dir = Path(data_dir)
         self.metrics = metrics or MonitorMetrics()
-        self.artifacts = {model: Artifacts(path) for model, path in model_dirs.items()}
+        self.artifact_root = Path(artifacts)
+        self.artifacts = {model: Artifacts(self.artifact_root / model) for model in models}
         s = settings
         self.consumer = StreamConsumer(client, {"predictions": s.streams.predictions, "outcomes": s.streams.outcomes},
                                        s.streams.group, start_id=s.streams.start_id)
@@ -136,11 +140,8 @@ class Monitor:
         for model, budget in s.models.items():  # models are trained on the wall clock, not the city's
             self.metrics.model_age_budget.labels(model=model).set(budget.age_budget_world_s)
         eta = self.artifacts.get("eta")
-        version = eta.current_version() if eta is not None else None
-        if version is not None:
-            self._offline_rmse(version)
-        elif eta is not None:
-            logger.warning("no ETA model at %s: offline RMSE and drift wait for one (`make train`)", eta.model_dir)
+        if eta is not None and not eta.versions():
+            logger.warning("no ETA model under %s: offline RMSE and drift wait for one (`make train`)", eta.root)
 
     @classmethod
     def build(cls, data_dir: Path = Path("data"), redis_address: str | None = None, time_scale: float = 1.0,
@@ -159,7 +160,7 @@ class Monitor:
             from feature_repo.store import open_store
 
             store = open_store(online_store, data_dir=data_dir, redis=redis_address)
-        return cls(settings, connect(redis_address or served["redis"]), data_dir, served["model_dirs"], time_scale,
+        return cls(settings, connect(redis_address or served["redis"]), data_dir, served["artifacts"], time_scale,
                    store, metrics)
 
     # --- the loop -------------------------------------------------------------------------
@@ -225,7 +226,7 @@ class Monitor:
             if stream == "outcomes":
                 self.joiner.add_outcome(record)
                 return True
-            if record.get("model") == "eta" and record.get("model_version") not in self._rmse_versions:
+            if record.get("endpoint") == "eta" and record.get("model_version") not in self._rmse_versions:
                 self._offline_rmse(str(record.get("model_version")))
             self.drift.observe(record)
             self.joiner.add_prediction(record)
@@ -281,8 +282,9 @@ class Monitor:
     def _freshness(self, store: Any):
         from monitoring.freshness import FreshnessProbe, served_views
 
-        manifests = [artifacts.current_manifest() for artifacts in self.artifacts.values()]
-        services = [manifest["feature_service"] for manifest in manifests if manifest]
+        # the feature services every version on disk needs (a shadow or canary serves two versions)
+        manifests = [artifacts.manifest(v) for artifacts in self.artifacts.values() for v in artifacts.versions()]
+        services = [manifest["feature_service"] for manifest in manifests if manifest and "feature_service" in manifest]
         if not services:
             services = [s.name for s in store.list_feature_services()]
             logger.warning("no served model found: probing every feature service (%s)", ", ".join(services))

@@ -212,28 +212,26 @@ def load_reference(directory: Path) -> dict | None:
 
 
 class Artifacts:
-    """The manifests and references of one model's versions, found next to the served artifact.
+    """The manifests and references of one model's versions: `<artifacts>/<model>/<version>/`.
 
-    `model_dir` is what serving loads (e.g. artifacts/eta/current); every version lives beside
-    it (`artifacts/eta/<version>`), so a version seen in the prediction log is found by name.
+    The monitor finds a version by the `model_version` the prediction log names (there is no
+    "current" version: serving pins versions through the registry, and a shadow or canary serves
+    two at once). What was found is cached; a version not found is looked for again after RETRY_S.
     """
 
     RETRY_S = 60.0  # a version not found is looked for again after this long
 
-    def __init__(self, model_dir: Path):
-        self.model_dir = Path(model_dir)
-        self.root = self.model_dir.resolve().parent
+    def __init__(self, root: Path):
+        """`root`: the model's folder in the artifact root, e.g. artifacts/eta."""
+        self.root = Path(root)
         self._found: dict[str, tuple[dict | None, dict | None]] = {}
         self._missing: dict[str, float] = {}
 
-    def current_manifest(self) -> dict | None:
-        """The manifest of the version `model_dir` points at now (None without an artifact)."""
-        return self._manifest(self.model_dir)
-
-    def current_version(self) -> str | None:
-        """The version `model_dir` points at now (None without an artifact)."""
-        manifest = self.current_manifest()
-        return None if manifest is None else manifest.get("version")
+    def versions(self) -> list[str]:
+        """The versions with a manifest here, oldest first (version names start with their UTC time)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "manifest.json").is_file())
 
     def manifest(self, version: str) -> dict | None:
         """The manifest of a version as a dict; None when that version is not here."""

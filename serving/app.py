@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
 from serving.blending import SponsoredPolicy
 from serving.eta import EtaModel
+from serving.generic import OnnxModelDeployment
 from serving.ingress import Ingress
 from serving.prediction_log import PredictionLogArgs
+from serving.variants import check_extra_model_name
 
 
 class FeedArgs(BaseModel):
@@ -18,8 +20,6 @@ class FeedArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    retrieval_model_dir: str = Field("artifacts/retrieval/current", description="Two-tower artifact.")
-    ranker_model_dir: str = Field("artifacts/ranker/current", description="Ranker artifact.")
     candidates: int = Field(100, gt=0, le=1000, description="Candidates retrieved and ranked per request.")
     directory_max_age_s: float = Field(60, gt=0, description="Freshness bound of the cached restaurant directory.")
     feature_cache_s: float = Field(5, ge=0, description="Ranker and EtaModel reuse a feature row read less than "
@@ -36,12 +36,32 @@ class EtaBatching(BaseModel):
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="Longest wait for a batch to fill.")
 
 
+class ExtraModel(BaseModel):
+    """A model served from its artifact alone (serving/generic.py): a team's own model, no serving code.
+
+    It is its own deployment, named after the model (its slot is that deployment's user_config), reads
+    `<artifacts>/<name>/<version>/`, and answers at `/v2/models/<name>` (docs/adding-a-model.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The model's name: its deployment, its artifact folder and its OIP route.")
+    threads: int = Field(1, ge=1, le=8, description="ONNX Runtime intra-op threads per replica.")
+
+    @field_validator("name")
+    @classmethod
+    def _free_name(cls, name: str) -> str:
+        return check_extra_model_name(name)
+
+
 class AppArgs(BaseModel):
     """The `args` of the application in the serve config; unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str = Field("artifacts/eta/current", description="ETA model artifact (relative to the project root).")
+    artifacts: str = Field("artifacts", description="Artifact root: `<artifacts>/<model>/<version>/` (relative to the "
+                           "project root). Which version each deployment serves is its user_config.")
+    registry: str | None = Field(None, description="MLflow registry URI for aliases and numbers a replica must "
+                                 "resolve (null: COURIER_REGISTRY, else sqlite beside the artifacts).")
     data_dir: str | None = Field("data", description="Folder whose feast/ holds the registry (and SQLite file).")
     online_store: str = Field("sqlite", pattern="^(sqlite|redis)$", description="sqlite locally, redis on Kubernetes.")
     redis: str | None = Field(None, description="host:port of Redis for the redis online store (default COURIER_REDIS).")
@@ -55,20 +75,34 @@ class AppArgs(BaseModel):
     feed: FeedArgs | None = Field(None, description="The feed's models and policy; null serves ETA only.")
     prediction_log: PredictionLogArgs | None = Field(None, description="Log every answered /v1/eta and /v1/feed "
                                                      "to a Redis stream (docs/monitoring.md); null: no log.")
+    extra_models: list[ExtraModel] = Field(default_factory=list, description="Models served from their artifact "
+                                           "alone over OIP v2, each its own deployment named after it "
+                                           "(serving/generic.py, docs/adding-a-model.md).")
+
+    @field_validator("extra_models")
+    @classmethod
+    def _once_each(cls, models: list[ExtraModel]) -> list[ExtraModel]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a model is listed twice: {names}")
+        return models
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Ingress -> EtaModel (and, with a feed, Retrieval and Ranker); options come from the serve config.
+    """Ingress -> EtaModel (and, with a feed, Retrieval and Ranker, and one OnnxModelDeployment per extra
+    model); options come from the serve config.
 
     With `eta_in_ingress` the Ingress also holds the ETA pipeline and answers /v1/eta itself:
     on two cores the extra replica hop cost more CPU than the model (docs/benchmarks.md).
+    Model versions are not args: each deployment's user_config names them (serving/variants.py).
     """
     settings = AppArgs.model_validate(args or {})
     store = dict(online_store=settings.online_store, data_dir=settings.data_dir, redis=settings.redis,
                  feast_project=settings.feast_project, feature_timeout_ms=settings.feature_timeout_ms)
     batching = settings.eta_batching.model_dump() if settings.eta_batching else None
     cache = {"feature_cache_s": settings.feed.feature_cache_s} if settings.feed else {}
-    models = {"eta": EtaModel.bind(settings.model_dir, batching=batching, **store, **cache)}
+    where = {"artifacts": settings.artifacts, "registry": settings.registry}
+    models = {"eta": EtaModel.bind(**where, batching=batching, **store, **cache)}
     feed = None
     if settings.feed is not None:
         from serving.ranker import (
@@ -76,10 +110,13 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         from serving.retrieval import Retrieval
 
-        models["user_tower"] = Retrieval.bind(settings.feed.retrieval_model_dir,
-                                              directory_max_age_s=settings.feed.directory_max_age_s, **store)
-        models["ranker"] = Ranker.bind(settings.feed.ranker_model_dir, **store, **cache)
+        models["user_tower"] = Retrieval.bind(**where, directory_max_age_s=settings.feed.directory_max_age_s, **store)
+        models["ranker"] = Ranker.bind(**where, **store, **cache)
         feed = {"candidates": settings.feed.candidates, "sponsored": settings.feed.sponsored.model_dump()}
-    local_eta = {"model_dir": settings.model_dir, **store} if settings.eta_in_ingress else None
+    for extra in settings.extra_models:  # a team's own models: one deployment each, named after the model
+        models[extra.name] = OnnxModelDeployment.options(name=extra.name).bind(extra.name, threads=extra.threads,
+                                                                               **where)
+    local_eta = {**where, **store} if settings.eta_in_ingress else None
     log = settings.prediction_log.model_dump() if settings.prediction_log else None
-    return Ingress.bind(models, settings.max_body_bytes, feed, local_eta, log)
+    return Ingress.bind(models, settings.max_body_bytes, feed, local_eta, log,
+                        [extra.name for extra in settings.extra_models])

@@ -1,8 +1,8 @@
 """`make demo`: the whole path on one machine, narrated, then everything stopped.
 
-simulate -> feast apply + materialize -> train, evaluate, export -> Ray Serve ->
+simulate -> feast apply + materialize -> train, evaluate, export, gate, register -> Ray Serve ->
 sample requests -> a short open-loop load -> a minute of the live city, watched by the
-monitor -> stop.
+monitor -> a retrained challenger in shadow, rolled back -> stop.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def run(*args: str) -> None:
     subprocess.run([PY, *args], cwd=PROJECT_ROOT, check=True)
 
 
-def sample_requests(base: str) -> None:
-    """A few real requests, printed: a normal one, one at rush hour, and two bad ones."""
+def sample_requests(base: str, quiet: bool = False) -> None:
+    """A few real requests, printed: a normal one, one at rush hour, and two bad ones (`quiet`: sent, not printed)."""
     restaurants = pd.read_parquet(PROJECT_ROOT / "data/offline/restaurants.parquet")
     orders = pd.read_parquet(PROJECT_ROOT / "data/offline/orders.parquet").tail(3)
     requests = [
@@ -47,9 +47,11 @@ def sample_requests(base: str) -> None:
     with httpx.Client(timeout=10) as client:
         for body in requests:
             response = client.post(f"{base}/v1/eta", json=body)
-            print(f"POST /v1/eta {json.dumps(body)}\n  -> {response.status_code} {response.text}")
+            if not quiet:
+                print(f"POST /v1/eta {json.dumps(body)}\n  -> {response.status_code} {response.text}")
         ready = client.get(f"{base}/v2/health/ready")
-        print(f"GET /v2/health/ready -> {ready.status_code} {ready.text}")
+        if not quiet:
+            print(f"GET /v2/health/ready -> {ready.status_code} {ready.text}")
 
 
 def print_metrics() -> None:
@@ -110,7 +112,7 @@ def live_city(base: str, seconds: float, speed: float, stream: str) -> None:
     client = connect(None)
     from feature_repo.store import open_store
 
-    monitor = Monitor(settings, client, data, from_serve_config(SERVE_CONFIG)["model_dirs"], time_scale=speed,
+    monitor = Monitor(settings, client, data, from_serve_config(SERVE_CONFIG)["artifacts"], time_scale=speed,
                       store=open_store("sqlite", data_dir=data))
     monitor.start()
     city = City(World.load(data, speed=speed), base, store=open_online_store("sqlite", data),
@@ -122,12 +124,17 @@ def live_city(base: str, seconds: float, speed: float, stream: str) -> None:
         monitor.stop()
         client.delete(stream, settings.streams.outcomes, *client.keys(stream.rsplit(":", 1)[0] + ":city:*"))
     value = monitor.metrics.value
-    eta = monitor.artifacts["eta"].current_version()
+    import httpx
+
+    def served(model: str) -> str:  # the version the server answers with (its champion)
+        return httpx.get(f"{base}/v2/models/{model}", timeout=10).json()["versions"][0]
+
+    eta = served("eta")
     n = value("courier_eta_outcomes_total", {"model_version": eta}) or 0
     rmse = math.sqrt((value("courier_eta_squared_error_minutes2_total", {"model_version": eta}) or 0) / max(n, 1))
     offline = value("courier_eta_offline_rmse_minutes", {"model_version": eta}) or float("nan")
     bias = (value("courier_eta_error_minutes_total", {"model_version": eta}) or 0) / max(n, 1)
-    ranker = monitor.artifacts["ranker"].current_version()
+    ranker = served("ranker")
     shown = sum(value("courier_feed_impressions_total", {"model_version": ranker, "position": str(p)}) or 0
                 for p in range(1, 51))
     ordered = sum(value("courier_feed_orders_total", {"model_version": ranker, "position": str(p)}) or 0
@@ -142,6 +149,39 @@ def live_city(base: str, seconds: float, speed: float, stream: str) -> None:
         print(f"freshness: newest live features {max(a for a in ages if a is not None):.0f} s old (TTL 900 s)")
 
 
+def challenger(server: BackgroundServer, stream: str) -> None:
+    """Retrain the ETA model (the city's outcomes included), gate it, shadow it, then take it out again."""
+    import tempfile
+    from pathlib import Path
+
+    import redis
+
+    from feature_repo.connection import redis_options
+    from models.registry import Registry
+    from serving.rollout import Dashboard, Rollouts, served_versions
+
+    retrained = subprocess.run([PY, "-m", "models.retrain", "--model", "eta"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, check=False)
+    print("\n".join(line for line in retrained.stdout.splitlines() if line.startswith(("gate", "  [", "registered"))))
+    if retrained.returncode != 0:
+        print("the gate refused the challenger (above): the champion keeps serving alone")
+        return
+    rollouts = Rollouts(Dashboard(server.dashboard_url), Registry(), Path(tempfile.mkdtemp()) / "rollouts.jsonl",
+                        server.url)
+    rollouts.rollout("eta", challenger="challenger", shadow=1.0)
+    print(f"versions answering /v1/eta: {sorted(served_versions(server.url, 'eta'))} (the challenger only shadows)")
+    sample_requests(server.url, quiet=True)
+    time.sleep(1)  # the prediction log and the shadow tasks send within milliseconds
+    client = redis.Redis(**redis_options())
+    records = [json.loads(fields[b"r"]) for _, fields in client.xrevrange(stream, count=50)]
+    shadows = [r for r in records if r.get("variant") == "shadow"]
+    if shadows:
+        print(f"{len(shadows)} shadow answers logged, never returned: e.g. request {shadows[0]['request_id']} "
+              f"{shadows[0]['model_version']} said {shadows[0]['eta_minutes']:.1f} min")
+    rollouts.rollback("eta")
+    client.delete(stream)  # the demo's log: the live city's step deleted it once already
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point (`make demo`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -151,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--city-seconds", type=float, default=60)
     args = parser.parse_args(argv)
     base = f"http://127.0.0.1:{args.port}"
-    total = 7
+    total = 8
     started = time.monotonic()
 
     banner(1, total, "simulating the city (restaurants, users, couriers, orders)")
@@ -159,14 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     banner(2, total, "feast apply, then materialize the online store (SQLite)")
     run("-m", "feature_repo.store", "apply")
     run("-m", "feature_repo.store", "materialize")
-    banner(3, total, "training, evaluating and exporting the models: ETA, retrieval (two-tower), ranker")
+    banner(3, total, "training, evaluating, exporting, gating and registering the models: ETA, retrieval "
+           "(two-tower), ranker; each becomes its champion")
     for model in ("eta", "retrieval", "ranker"):
-        run("-m", f"models.{model}.train")
+        run("-m", f"models.{model}.train", "--promote")  # this run's city is new: its models serve
     print_metrics()
     banner(4, total, f"starting Ray Serve on {base} (log: .run/serve.log)")
     stream = f"courier:demo-{os.getpid()}:predictions"  # the demo's own prediction log, deleted at the end
     log_stream = ["--set", f'prediction_log={json.dumps({"stream": stream, "maxlen": 100000})}']
-    with BackgroundServer(args.port, args.metrics_port, PROJECT_ROOT / ".run/serve.log", extra=log_stream):
+    with BackgroundServer(args.port, args.metrics_port, PROJECT_ROOT / ".run/serve.log", extra=log_stream) as server:
         banner(5, total, "sample requests")
         sample_requests(base)
         sample_feed(base)
@@ -175,8 +216,11 @@ def main(argv: list[str] | None = None) -> None:
         banner(7, total, f"the live city for {args.city_seconds:g} s at 60x (customers, deliveries, live features), "
                "watched by the monitor")
         live_city(base, args.city_seconds, 60.0, stream)
+        banner(8, total, "a challenger: the ETA model retrained on recent data and the city's outcomes, gated, "
+               "shadowed in place, then rolled back")
+        challenger(server, stream)
         print("\nstopping Ray Serve ...")
-    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; reports in reports/, model in artifacts/eta/current")
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s; reports in reports/, models in artifacts/ (registry: artifacts/registry.db)")
 
 
 if __name__ == "__main__":

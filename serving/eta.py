@@ -25,6 +25,7 @@ from serving.metrics import ServingMetrics
 from serving.onnx_model import OnnxModel, ServedOnnxModel
 from serving.paths import resolve
 from serving.schemas import EtaRequest
+from serving.variants import CHAMPION, Variants, VersionedDeployment, describe
 
 logger = logging.getLogger("ray.serve")
 RESTAURANT_DIRECTORY = "restaurants.parquet"
@@ -35,15 +36,18 @@ class EtaPipeline(ServedOnnxModel):
 
     def __init__(self, model_dir: str, online_store: str = "sqlite", data_dir: str | None = None,
                  redis: str | None = None, feast_project: str | None = None, feature_timeout_ms: float = 100,
-                 export_metrics: bool = False, metrics: ServingMetrics | None = None, feature_cache_s: float = 0):
+                 export_metrics: bool = False, metrics: ServingMetrics | None = None, feature_cache_s: float = 0,
+                 store: Any = None):
         """`metrics`: the host's own ServingMetrics (one per process), else one of our own.
 
         `feature_cache_s`: reuse a feature row read less than this long ago (0: read every time).
+        `store`: an open Feast store to share (a replica's versions read the same store), else one of our own.
         """
         self.model = OnnxModel(resolve(model_dir))
         manifest = self.model.manifest
-        store = open_store(online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis,
-                           project=feast_project)
+        if store is None:
+            store = open_store(online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis,
+                               project=feast_project)
         # Refuses (ArtifactError) a model whose feature service this store does not serve.
         self.features = OnlineFeatures(store, manifest.feature_service, deadline_s=feature_timeout_ms / 1000,
                                        cache_s=feature_cache_s)
@@ -199,32 +203,76 @@ class _Estimate:
 
 
 @serve.deployment(name="EtaModel")
-class EtaModel(EtaPipeline):
+class EtaModel(VersionedDeployment):
     """The ETA pipeline as a Ray Serve deployment, exporting its metrics to Prometheus.
 
-    With `batching` (the serve config's `eta_batching`), `/v1/eta` requests in flight together
-    are answered by one `predict_batch` call (`@serve.batch`); without it, one by one.
+    Which versions it serves is its `user_config` (serving/variants.py): `reconfigure` loads them
+    and swaps them in at once. With `batching` (the serve config's `eta_batching`), `/v1/eta`
+    requests in flight together are answered by one `predict_batch` call per variant.
     """
 
-    def __init__(self, *args: Any, batching: dict[str, float] | None = None, **kwargs: Any):
-        super().__init__(*args, export_metrics=True, **kwargs)
+    def __init__(self, artifacts: str = "artifacts", registry: str | None = None,
+                 batching: dict[str, float] | None = None, **pipeline: Any):
+        """`pipeline`: EtaPipeline's store arguments (online_store, data_dir, redis, ...)."""
+        self.metrics = ServingMetrics()
+        self.pipeline = pipeline
+        self.store = None  # one Feast store for every version this replica loads
+        self.variants: Variants[EtaPipeline] = Variants("eta", self._load, describe, artifacts, registry, self.metrics)
         self.batching = batching is not None
         if batching:
             self._predict_batched.set_max_batch_size(int(batching["max_batch_size"]))
             self._predict_batched.set_batch_wait_timeout_s(float(batching["batch_wait_timeout_s"]))
 
-    async def eta(self, request: EtaRequest, include_inputs: bool = False) -> dict[str, Any]:
-        """The answer to one `/v1/eta` request (batched with others in flight when configured)."""
+    def _load(self, path: Path) -> EtaPipeline:
+        if self.store is None:
+            self.store = open_store(self.pipeline.get("online_store", "sqlite"),
+                                    data_dir=resolve(self.pipeline["data_dir"]) if self.pipeline.get("data_dir") else None,
+                                    redis=self.pipeline.get("redis"), project=self.pipeline.get("feast_project"))
+        return EtaPipeline(str(path), metrics=self.metrics, store=self.store, **self.pipeline)
+
+    async def eta(self, request: EtaRequest, include_inputs: bool = False, request_id: str = "") -> dict[str, Any]:
+        """The answer to one `/v1/eta` request (batched with others in flight when configured).
+
+        Adds `variant`, and `shadow: true` when the caller should also ask `shadow_eta` (after answering)."""
+        served = self.variants.served
+        variant, pipeline = served.choose(request.user_id or request_id)
         if not self.batching:
-            return self.predict(request, include_inputs)
-        answer = await self._predict_batched(request)
-        if isinstance(answer, NotFound):
-            raise answer
-        return answer if include_inputs else _without_inputs(answer)
+            answer = pipeline.predict(request, include_inputs)
+        else:
+            answer = await self._predict_batched((request, variant))
+            if isinstance(answer, NotFound):
+                raise answer
+            if not include_inputs:
+                answer = _without_inputs(answer)
+        self.metrics.answered("eta", answer["model_version"], variant)
+        return {**answer, "variant": variant, "shadow": served.shadows(variant, request_id)}
+
+    async def shadow_eta(self, request: EtaRequest) -> dict[str, Any]:
+        """The challenger's answer to a `/v1/eta` request (with its inputs), for the prediction log only."""
+        served = self.variants.served
+        if served.challenger is None:
+            raise RuntimeError("no challenger is served any more (reconfigured since the request)")
+        return served.challenger.predict(request, include_inputs=True)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _predict_batched(self, requests: list[EtaRequest]) -> list[dict[str, Any] | NotFound]:
-        return self.predict_batch(requests)
+    async def _predict_batched(self, calls: list[tuple[EtaRequest, str]]) -> list[dict[str, Any] | NotFound]:
+        served = self.variants.served
+        answers: list[dict[str, Any] | NotFound | None] = [None] * len(calls)
+        for variant in {v for _, v in calls}:
+            pipeline = served.champion if variant == CHAMPION or served.challenger is None else served.challenger
+            indices = [i for i, (_, v) in enumerate(calls) if v == variant]
+            for i, answer in zip(indices, pipeline.predict_batch([calls[i][0] for i in indices])):
+                answers[i] = answer
+        return answers  # type: ignore[return-value]
+
+    def predict_many(self, restaurant_ids: list[int], delivery_lat: float, delivery_lon: float,
+                     order_time: float, user_id: int | None = None) -> dict[str, Any]:
+        """The feed's ETAs (EtaPipeline.predict_many) from the user's variant (canary is sticky by user)."""
+        variant, pipeline = self.variants.served.choose(user_id if user_id is not None else "")
+        answer = pipeline.predict_many(restaurant_ids, delivery_lat, delivery_lon, order_time)
+        self.metrics.answered("eta", answer["model_version"], variant)
+        return {**answer, "variant": variant}
+
 
 
 def _without_inputs(answer: dict[str, Any]) -> dict[str, Any]:

@@ -25,8 +25,9 @@ class FeedComposer:
         self.retrieval, self.ranker, self.eta = retrieval, ranker, eta
         self.policy, self.candidates, self.metrics = policy, candidates, metrics
 
-    async def page(self, request: FeedRequest) -> dict[str, Any]:
-        """The response body of one feed request."""
+    async def page(self, request: FeedRequest, request_id: str = "") -> tuple[dict[str, Any], bool]:
+        """The response body of one feed request, and whether the ranker's challenger should also
+        score the shown cards (shadow, after the answer is sent: `shadow_scores`)."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
         when = request.request_time_utc().timestamp()
@@ -36,8 +37,8 @@ class FeedComposer:
         ids = found["restaurant_ids"]
         with self.metrics.stage("feed", "ranking_and_eta_calls", timings):
             ranked, etas = await asyncio.gather(
-                self.ranker.score.remote(*where, ids),
-                self.eta.predict_many.remote(ids, request.user_lat, request.user_lon, when),
+                self.ranker.score.remote(*where, ids, request_id),
+                self.eta.predict_many.remote(ids, request.user_lat, request.user_lon, when, request.user_id),
             )
         with self.metrics.stage("feed", "blending", timings):
             cards = [Card(rid, p, p, bool(s)) for rid, p, s in zip(ids, ranked["p_order"], found["sponsored"])]
@@ -52,6 +53,7 @@ class FeedComposer:
             "candidates": {"eligible": found["eligible"], "retrieved": len(ids)},
             "model_versions": {"retrieval": found["model_version"], "ranker": ranked["model_version"],
                                "eta": etas["model_version"]},
+            "variants": {"ranker": ranked["variant"], "eta": etas["variant"]},
             "sponsored_policy": self.policy.model_dump(),
             "degraded": any(x["fallback"] for x in (found, ranked, etas)),
         }
@@ -61,4 +63,10 @@ class FeedComposer:
         self.metrics.stage_ms.observe(timings["total"], tags={"endpoint": "feed", "stage": "total"})
         if request.include_timings:
             body["timings_ms"] = {**timings, **found["timings_ms"], **ranked["timings_ms"]}
-        return body
+        return body, bool(ranked.get("shadow"))
+
+    async def shadow_scores(self, request: FeedRequest, restaurant_ids: list[int]) -> dict[str, Any]:
+        """The ranker challenger's p_order of the shown cards (for the prediction log, never the page)."""
+        when = request.request_time_utc().timestamp()
+        return await self.ranker.shadow_score.remote(request.user_id, request.user_lat, request.user_lon, when,
+                                                     restaurant_ids)

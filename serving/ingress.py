@@ -6,8 +6,10 @@ and every request pays for a framework's routing and serialization layers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -30,6 +32,7 @@ from serving.schemas import (
     parse_feed_request,
     parse_v2_request,
 )
+from serving.variants import SHADOW, ShadowTasks, VariantError, Variants, describe, parse_slot
 
 logger = logging.getLogger("ray.serve")
 ROUTES = {
@@ -54,29 +57,59 @@ class Ingress:
 
     def __init__(self, models: dict[str, DeploymentHandle], max_body_bytes: int = 65536,
                  feed: dict[str, Any] | None = None, local_eta: dict[str, Any] | None = None,
-                 prediction_log: dict[str, Any] | None = None):
+                 prediction_log: dict[str, Any] | None = None, extra_models: list[str] | None = None):
         """`models` maps Open Inference Protocol names to deployments ("eta", and with the feed
-        "ranker" and "user_tower"); `feed` holds the feed's candidate count and sponsored policy;
-        `local_eta` (EtaPipeline arguments) makes this replica answer /v1/eta itself;
-        `prediction_log` (PredictionLogArgs) logs every answered /v1/eta and /v1/feed."""
+        "ranker" and "user_tower", plus each extra model); `feed` holds the feed's candidate count and
+        sponsored policy; `local_eta` (EtaPipeline arguments) makes this replica answer /v1/eta itself;
+        `prediction_log` (PredictionLogArgs) logs every answered /v1/eta and /v1/feed (and extra models'
+        answers); `extra_models` names the models served by serving/generic.py (variants on /v2 infer)."""
         self.models = models
+        self.extra_models = frozenset(extra_models or ())
         self.max_body_bytes = max_body_bytes
-        self.specs: dict[str, list[dict[str, Any]]] = {}  # input specs, fetched once per model
-        self.metadata: dict[str, dict[str, Any]] = {}
+        self.specs: dict[str, list[dict[str, Any]]] = {}  # input specs, fetched once per model version
+        self.spec_versions: dict[str, str] = {}
         self.metrics = ServingMetrics()
         self.log = None
         if prediction_log is not None:
             self.log = PredictionLog(PredictionLogArgs.model_validate(prediction_log), self.metrics)
-        self.eta = None
+        self.shadows = ShadowTasks(self.metrics)
+        self.eta: Variants | None = None  # /v1/eta's versions when this replica answers it (user_config.eta)
         if local_eta is not None:
-            from serving.eta import EtaPipeline  # the same code the EtaModel deployment runs
-
-            self.eta = EtaPipeline(**local_eta, metrics=self.metrics)
+            local = dict(local_eta)
+            where = {"artifacts": local.pop("artifacts", "artifacts"), "registry": local.pop("registry", None)}
+            self._eta_pipeline_args = local
+            self._eta_store = None
+            self.eta = Variants("eta", self._load_eta, describe, metrics=self.metrics, **where)
         self.feed = None
         if feed is not None:
             self.feed = FeedComposer(models["user_tower"], models["ranker"], models["eta"],
                                      SponsoredPolicy.model_validate(feed["sponsored"]), feed["candidates"],
                                      self.metrics)
+
+    def _load_eta(self, path: Any) -> Any:
+        from feature_repo.store import open_store
+        from serving.eta import EtaPipeline  # the same code the EtaModel deployment runs
+        from serving.paths import resolve
+
+        args = self._eta_pipeline_args
+        if self._eta_store is None:  # one Feast store for every version this replica loads
+            self._eta_store = open_store(args.get("online_store", "sqlite"),
+                                         data_dir=resolve(args["data_dir"]) if args.get("data_dir") else None,
+                                         redis=args.get("redis"), project=args.get("feast_project"))
+        return EtaPipeline(str(path), metrics=self.metrics, store=self._eta_store, **args)
+
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """`{eta: slot}`: the versions answering /v1/eta here, the same slot as EtaModel's (serving/variants.py).
+
+        Loads off the event loop, then swaps at once; raises (Ray keeps the old versions) on a bad slot."""
+        user_config = user_config or {}
+        unknown = set(user_config) - {"eta"}
+        if unknown:
+            raise VariantError(f"Ingress user_config takes only `eta` (the /v1/eta slot), not {sorted(unknown)}")
+        if self.eta is None:
+            parse_slot("eta", user_config.get("eta"))  # checked even when EtaModel answers /v1/eta
+            return
+        await asyncio.to_thread(self.eta.configure, user_config.get("eta"))
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
@@ -135,13 +168,32 @@ class Ingress:
                 rid = request_id(request.headers.get("x-request-id"))
                 eta_request = parse_eta_request(await self._body(request))
             if self.eta is not None:
-                answer = await self.eta.predict_async(eta_request, include_inputs=logged)
+                served = self.eta.served
+                variant, pipeline = served.choose(eta_request.user_id or rid)
+                answer = await pipeline.predict_async(eta_request, include_inputs=logged)
+                self.metrics.answered("eta", answer["model_version"], variant)
+                if served.shadows(variant, rid):
+                    challenger = served.challenger
+                    self.shadows.start("eta", str(served.challenger_version), lambda: self._shadow_eta(
+                        rid, eta_request, challenger.predict_async(eta_request, include_inputs=True)))
             else:
-                answer = await self.models["eta"].eta.remote(eta_request, logged)
+                answer = await self.models["eta"].eta.remote(eta_request, logged, rid)
+                variant = answer.pop("variant")
+                if answer.pop("shadow"):
+                    model = self.models["eta"]
+                    self.shadows.start("eta", "unknown", lambda: self._shadow_eta(
+                        rid, eta_request, model.shadow_eta.remote(eta_request)))
         inputs = answer.pop("model_inputs", None)
         if logged:
-            self.log.append("eta", _eta_record(rid, eta_request, answer, inputs))
-        return json_response({"request_id": rid, **answer})
+            self.log.append("eta", _eta_record(rid, eta_request, answer, inputs, variant))
+        return json_response({"request_id": rid, **answer, "variant": variant})
+
+    async def _shadow_eta(self, rid: str, request: EtaRequest, answering: Awaitable[dict[str, Any]]) -> str:
+        """The challenger's answer to a /v1/eta request, logged as a `shadow` record (never returned)."""
+        answer = await answering
+        if self.log is not None:
+            self.log.append("eta", _eta_record(rid, request, answer, answer.get("model_inputs"), SHADOW))
+        return answer["model_version"]
 
     async def _feed(self, request: Request) -> Response:
         if self.feed is None:
@@ -149,10 +201,24 @@ class Ingress:
         with self.metrics.stage("feed", "parse"):
             rid = request_id(request.headers.get("x-request-id"))
             feed_request = parse_feed_request(await self._body(request))
-        body = await self.feed.page(feed_request)
+        body, shadow = await self.feed.page(feed_request, rid)
         if self.log is not None:
             self.log.append("feed", _feed_record(rid, feed_request, body))
+        if shadow and body["cards"]:
+            shown = [card["restaurant_id"] for card in body["cards"]]
+            self.shadows.start("ranker", "unknown", lambda: self._shadow_feed(rid, feed_request, shown))
         return json_response({"request_id": rid, **body})
+
+    async def _shadow_feed(self, rid: str, request: FeedRequest, shown: list[int]) -> str:
+        """The ranker challenger's p_order of the shown cards, logged as a `shadow` record (never returned)."""
+        scored = await self.feed.shadow_scores(request, shown)
+        if self.log is not None:
+            self.log.append("feed", {"request_id": rid, "ts": time.time(), "endpoint": "feed", "model": "ranker",
+                                     "model_version": scored["model_version"], "variant": SHADOW,
+                                     "user_id": request.user_id,
+                                     "request_time": request.request_time_utc().timestamp(),
+                                     "restaurant_ids": shown, "p_order": scored["p_order"]})
+        return scored["model_version"]
 
     async def _v2_model_route(self, request: Request, path: str) -> Response:
         parts = path.split("/")  # ["", "v2", "models", name, (action)]
@@ -172,14 +238,17 @@ class Ingress:
         raise NotFound(f"no route {path}; see GET / for the endpoints")
 
     async def _infer(self, request: Request, name: str) -> Response:
+        if name in self.extra_models:
+            return await self._infer_extra(request, name)
         with self.metrics.stage("v2_infer", "total"):
             specs = await self._specs(name)
             request_id, tensors = parse_v2_request(await self._body(request), specs)
-            outputs = await self.models[name].infer.remote(tensors)
-        metadata = await self._metadata(name)
+            outputs, version = await self.models[name].infer_versioned.remote(tensors)
+        if self.spec_versions.get(name) != version:  # a rollout may change the inputs: fetch them again next time
+            self.specs.pop(name, None)
         body = {
             "model_name": name,
-            "model_version": metadata["versions"][0],
+            "model_version": version,
             "outputs": [{"name": key, "datatype": _datatype(array), "shape": list(array.shape),
                          "data": array.reshape(-1)} for key, array in outputs.items()],
         }
@@ -187,14 +256,49 @@ class Ingress:
             body["id"] = request_id
         return json_response(body)
 
+    async def _infer_extra(self, request: Request, name: str) -> Response:
+        """OIP infer of an extra model (serving/generic.py): the champion, or the challenger for a canary share
+        of callers (sticky by `parameters.user_id`, else the request's `id`, else per request); a shadow share
+        is also answered by the challenger after the response, logged and never returned."""
+        with self.metrics.stage("v2_infer", "total"):
+            rid = request_id(request.headers.get("x-request-id"))
+            body = await self._body(request)
+            specs = await self._specs(name)
+            oip_id, tensors = parse_v2_request(body, specs)
+            key = _canary_key(body) or oip_id or rid
+            answer = await self.models[name].infer_variant.remote(tensors, key, rid)
+        version, variant = answer["model_version"], answer["variant"]
+        if self.spec_versions.get(name) != version:
+            self.specs.pop(name, None)
+        if self.log is not None:
+            self.log.append("v2", _v2_record(rid, name, version, variant, answer["outputs"]))
+        if answer["shadow"]:
+            model = self.models[name]
+            self.shadows.start(name, "unknown", lambda: self._shadow_extra(rid, name, model.shadow_infer.remote(tensors)))
+        out = {"model_name": name, "model_version": version, "parameters": {"variant": variant, "request_id": rid},
+               "outputs": [{"name": key, "datatype": _datatype(array), "shape": list(array.shape),
+                            "data": array.reshape(-1)} for key, array in answer["outputs"].items()]}
+        if oip_id is not None:
+            out["id"] = oip_id
+        return json_response(out)
+
+    async def _shadow_extra(self, rid: str, name: str, answering: Awaitable[dict[str, Any]]) -> str:
+        """The challenger's outputs for an extra model's request, logged as a `shadow` record (never returned)."""
+        answer = await answering
+        if self.log is not None:
+            self.log.append("v2", _v2_record(rid, name, answer["model_version"], SHADOW, answer["outputs"]))
+        return answer["model_version"]
+
     async def _metadata(self, name: str) -> dict[str, Any]:
-        if name not in self.metadata:  # named as routed: the ranker's artifact may call itself otherwise
-            self.metadata[name] = {**await self.models[name].metadata.remote(), "name": name}
-        return self.metadata[name]
+        # Asked every time: a reconfigure changes the served versions. Named as routed: the ranker's
+        # artifact may call itself otherwise.
+        return {**await self.models[name].metadata.remote(), "name": name}
 
     async def _specs(self, name: str) -> list[dict[str, Any]]:
         if name not in self.specs:
+            metadata = await self._metadata(name)
             self.specs[name] = await self.models[name].input_specs.remote()
+            self.spec_versions[name] = metadata["versions"][0]
         return self.specs[name]
 
     async def _ready(self, name: str) -> bool:
@@ -212,12 +316,15 @@ class Ingress:
         return True
 
 
-def _eta_record(rid: str, request: EtaRequest, answer: dict[str, Any], inputs: dict[str, float] | None) -> dict:
-    """The prediction log's record of one /v1/eta answer (docs/monitoring.md)."""
+def _eta_record(rid: str, request: EtaRequest, answer: dict[str, Any], inputs: dict[str, float] | None,
+                variant: str) -> dict:
+    """The prediction log's record of one /v1/eta answer (docs/monitoring.md); `variant` is champion,
+    challenger (a canary answer) or shadow (the challenger's answer, never returned)."""
     from models import geo
 
     return {"request_id": rid, "ts": time.time(), "endpoint": "eta", "model": "eta",
-            "model_version": answer["model_version"], "variant": None, "restaurant_id": request.restaurant_id,
+            "model_version": answer["model_version"], "variant": variant, "user_id": request.user_id,
+            "restaurant_id": request.restaurant_id,
             "delivery_lat": request.delivery_lat, "delivery_lon": request.delivery_lon,
             "order_time": request.order_time_utc().timestamp(),
             "area_id": geo.area_id(request.delivery_lat, request.delivery_lon), "inputs": inputs,
@@ -229,12 +336,33 @@ def _feed_record(rid: str, request: FeedRequest, body: dict[str, Any]) -> dict:
     """The prediction log's record of one /v1/feed page: what was shown where, with its scores."""
     return {"request_id": rid, "ts": time.time(), "endpoint": "feed", "model": "ranker",
             "model_version": body["model_versions"]["ranker"], "model_versions": body["model_versions"],
-            "variant": None, "user_id": request.user_id, "user_lat": request.user_lat, "user_lon": request.user_lon,
+            "variant": body["variants"]["ranker"], "variants": body["variants"], "user_id": request.user_id, "user_lat": request.user_lat, "user_lon": request.user_lon,
             "request_time": request.request_time_utc().timestamp(), "cold_start": body["cold_start"],
             "degraded": body["degraded"],
             "cards": [{"restaurant_id": c["restaurant_id"], "position": position, "p_order": c["p_order"],
                        "eta_minutes": c["eta_minutes"], "sponsored": c["sponsored"]}
                       for position, c in enumerate(body["cards"], start=1)]}
+
+
+def _canary_key(body: bytes) -> str | None:
+    """`parameters.user_id` of an OIP request, the sticky key of an extra model's canary (None without it)."""
+    try:
+        parameters = orjson.loads(body).get("parameters") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    user = parameters.get("user_id") if isinstance(parameters, dict) else None
+    return None if user is None or isinstance(user, bool) else str(user)
+
+
+def _v2_record(rid: str, name: str, version: str, variant: str, outputs: dict[str, Any]) -> dict:
+    """The prediction log's record of an extra model's /v2 answer (the monitor's joiner skips `v2` records:
+    an extra model's outcomes are its team's to join)."""
+    return {"request_id": rid, "ts": time.time(), "endpoint": "v2", "model": name, "model_version": version,
+            "variant": variant, "outputs": {key: _plain(array) for key, array in outputs.items()}}
+
+
+def _plain(array: Any) -> Any:
+    return array.tolist() if hasattr(array, "tolist") else array
 
 
 def _datatype(array: Any) -> str:

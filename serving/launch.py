@@ -1,10 +1,13 @@
 """Run the serve config on this machine: Ray started in-process, stopped on Ctrl-C.
 
-    python -m serving.launch [--port 8000] [--metrics-port 8080] [--set online_store=redis]
+    python -m serving.launch [--port 8000] [--metrics-port 8080] [--dashboard-port 8265]
+                             [--set online_store=redis] [--slot eta.version=3]
 
 It does what `serve run serving/serve_config.yaml` does, plus the overrides, a fixed
 Prometheus port and Courier's Ray process settings (serving/ray_env.yaml), and it stops every
-Ray process it started when it exits.
+Ray process it started when it exits. Registry aliases in the models' slots (`champion`) are
+pinned to artifact versions once, here, so every replica serves exactly the same version; the
+Ray dashboard (on 127.0.0.1 only) takes the in-place changes of `serving.rollout`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import threading
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
 from serving.config import SERVE_CONFIG, apply_ray_env, load_serve_config, validate, with_overrides
 from serving.paths import PROJECT_ROOT
+from serving.rollout import RolloutError, parse_slot_sets, with_slot
 
 READY_LINE = "COURIER READY"
 
@@ -84,7 +88,19 @@ def wait_until_running(app_names: list[str], timeout_s: float) -> None:
     raise TimeoutError(f"applications not RUNNING after {timeout_s:.0f} s: {states}")
 
 
-def run(config: dict[str, Any], metrics_port: int, num_cpus: int | None, timeout_s: float) -> None:
+def pin_models(config: dict[str, Any], app: str = "courier") -> dict[str, Any]:
+    """The config with every model slot's alias or registry number replaced by an artifact version."""
+    from models.registry import Registry
+    from serving.variants import pin
+
+    application = next(a for a in config["applications"] if a["name"] == app)
+    args = application.get("args") or {}
+    artifacts = PROJECT_ROOT / (args.get("artifacts") or "artifacts")
+    return pin(config, Registry(args.get("registry"), artifacts))
+
+
+def run(config: dict[str, Any], metrics_port: int, num_cpus: int | None, timeout_s: float,
+        dashboard_port: int = 8265) -> None:
     """Start Ray and Serve, deploy the config, print READY, and serve until a signal arrives."""
     import ray
     from ray import serve
@@ -94,16 +110,17 @@ def run(config: dict[str, Any], metrics_port: int, num_cpus: int | None, timeout
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(namespace="serve", include_dashboard=False, num_cpus=num_cpus, _metrics_export_port=metrics_port,
-             log_to_driver=True)
+    # The dashboard takes REST deploys (serving.rollout, like KubeRay); it runs jobs too, so loopback only.
+    ray.init(namespace="serve", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             num_cpus=num_cpus, _metrics_export_port=metrics_port, log_to_driver=True)
     try:
         client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                        proxy_location=schema.proxy_location)
         client.deploy_apps(schema, _blocking=False)
         wait_until_running([app.name for app in schema.applications], timeout_s)
         http = schema.http_options
-        print(f"{READY_LINE} http://{http.host}:{http.port} metrics http://127.0.0.1:{metrics_port}/metrics",
-              flush=True)
+        print(f"{READY_LINE} http://{http.host}:{http.port} metrics http://127.0.0.1:{metrics_port}/metrics "
+              f"dashboard http://127.0.0.1:{dashboard_port}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
@@ -122,17 +139,18 @@ class BackgroundServer:
     """
 
     def __init__(self, port: int, metrics_port: int, log: Path, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None, timeout_s: float = 240):
+                 env: dict[str, str] | None = None, timeout_s: float = 240, dashboard_port: int | None = None):
         self.port, self.metrics_port, self.log_path = port, metrics_port, log
+        self.dashboard_port = dashboard_port or free_port()
         self.extra, self.env, self.timeout_s = extra or [], env, timeout_s
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> Self:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serving.launch", "--port", str(self.port),
-             "--metrics-port", str(self.metrics_port), *self.extra],
+             "--metrics-port", str(self.metrics_port), "--dashboard-port", str(self.dashboard_port), *self.extra],
             cwd=PROJECT_ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + self.timeout_s
@@ -149,6 +167,11 @@ class BackgroundServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The Ray dashboard of this server (REST deploys: serving.rollout)."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def output(self) -> str:
         """Everything the server printed so far."""
@@ -172,13 +195,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
     parser.add_argument("--metrics-port", type=int, default=8080, help="Prometheus port of Ray's metrics agent")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    parser.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (REST deploys)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an app arg")
+    parser.add_argument("--slot", action="append", default=[], metavar="MODEL.FIELD=VALUE",
+                        help="override a model slot (eta.version=3, ranker.challenger=challenger, eta.shadow=0.5)")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for the app to be RUNNING")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     parser.add_argument("--ray-defaults", action="store_true",
                         help="leave out serving/ray_env.yaml: Ray's own defaults (benchmark variant (a))")
     args = parser.parse_args(argv)
     config = with_overrides(load_serve_config(args.config), port=args.port, args=parse_sets(args.set))
+    try:
+        from serving.variants import slot_holders
+
+        for model, changes in parse_slot_sets(args.slot, slot_holders(config)).items():
+            config = with_slot(config, model, **changes)
+        config = pin_models(config)
+    except (RolloutError, LookupError, ValueError) as exc:
+        raise SystemExit(f"serving.launch: {exc}") from None
     if args.print_config:
         print(yaml.safe_dump(config, sort_keys=False))
         return
@@ -188,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     isolate_haproxy()
     print(f"Ray settings (serving/ray_env.yaml): {ray_env or 'none, Ray defaults'}", flush=True)
     try:
-        run(config, args.metrics_port, args.num_cpus, args.timeout)
+        run(config, args.metrics_port, args.num_cpus, args.timeout, args.dashboard_port)
     except (RuntimeError, TimeoutError) as exc:
         print(f"serving failed to start: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -38,6 +38,7 @@ class ServingMetrics:
             self.stage_ms = self.fallbacks = self.rejected = _Discard()
             self.predictions_logged = self.predictions_dropped = _Discard()
             self.feature_reads = self.feature_expired_reads = self.model_trained = _Discard()
+            self.model_answers = self.shadow_answers = self.shadow_failures = self.model_loaded_gauge = _Discard()
             return
         self.stage_ms = Histogram("courier_stage_latency_ms", description="Latency of one serving stage, ms.",
                                   boundaries=LATENCY_BUCKETS_MS, tag_keys=("endpoint", "stage"))
@@ -55,6 +56,16 @@ class ServingMetrics:
                                              description="Reads that found the view's value past its TTL (/v1/eta).")
         self.model_trained = Gauge("courier_model_trained_timestamp_seconds", tag_keys=("model", "version"),
                                    description="When the served model was trained (epoch seconds).")
+        # Which version answered: a mixed fleet (two versions as champion) shows up here and in the gauge.
+        self.model_answers = Counter("courier_model_answers_total", tag_keys=("model", "version", "variant"),
+                                     description="Answers given per model, version and variant (champion|challenger).")
+        self.shadow_answers = Counter("courier_shadow_answers_total", tag_keys=("model", "version"),
+                                      description="Challenger answers computed in shadow (logged, never returned).")
+        self.shadow_failures = Counter("courier_shadow_failures_total", tag_keys=("model", "version"),
+                                       description="Shadow answers that failed (never seen by the caller).")
+        self.model_loaded_gauge = Gauge("courier_model_loaded", tag_keys=("model", "version", "slot"),
+                                        description="1 for each version this replica has loaded, by slot "
+                                        "(champion|challenger); 0 once unloaded.")
 
     def model_loaded(self, model: str, version: str, created_at: str) -> None:
         """Export when a served model was trained (its age is time() minus this)."""
@@ -63,6 +74,14 @@ class ServingMetrics:
         if created_at:
             stamp = datetime.fromisoformat(created_at).timestamp()
             self.model_trained.set(stamp, tags={"model": model, "version": version})
+
+    def model_loaded_slot(self, model: str, version: str, slot: str, loaded: int) -> None:
+        """Say that this replica holds (1) or no longer holds (0) `version` of `model` in `slot`."""
+        self.model_loaded_gauge.set(loaded, tags={"model": model, "version": version, "slot": slot})
+
+    def answered(self, model: str, version: str, variant: str, n: int = 1) -> None:
+        """Count answers given by one version of a model as one variant."""
+        self.model_answers.inc(n, tags={"model": model, "version": version, "variant": variant})
 
     def feature_freshness(self, expired: dict[str, list[bool]]) -> None:
         """Count the rows read per view and those that found it expired."""

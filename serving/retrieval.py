@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from serving.features import OnlineFeatures, StoreUnavailable
 from serving.metrics import ServingMetrics
 from serving.onnx_model import OnnxModel, ServedOnnxModel
 from serving.paths import resolve
+from serving.variants import CHAMPION, Variants, VersionedDeployment, describe
 
 logger = logging.getLogger("ray.serve")
 DIRECTORY_FEATURES = ["lat", "lon", "opens_hour", "closes_hour", "cuisine", "sponsored"]
@@ -50,18 +52,19 @@ class RetrievalPipeline(ServedOnnxModel):
     def __init__(self, model_dir: str, online_store: str = "sqlite", data_dir: str | None = None,
                  redis: str | None = None, feast_project: str | None = None, feature_timeout_ms: float = 100,
                  directory_max_age_s: float = 60, radius_km: float = DELIVERY_RADIUS_KM,
-                 export_metrics: bool = False):
+                 export_metrics: bool = False, store: Any = None, metrics: ServingMetrics | None = None):
+        """`store`: an open Feast store to share; `metrics`: the host's ServingMetrics (one per process)."""
         self.model = OnnxModel(resolve(model_dir))
         self.embeddings = np.load(self.model.directory / "restaurant_embeddings.npy").astype(np.float32)
         self.ids = np.load(self.model.directory / "restaurant_ids.npy").astype(np.int64)
-        self.store = open_store(online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis,
-                                project=feast_project)
+        self.store = store if store is not None else open_store(
+            online_store, data_dir=resolve(data_dir) if data_dir else None, redis=redis, project=feast_project)
         self.user_features = OnlineFeatures(self.store, self.model.manifest.feature_service,
                                             deadline_s=feature_timeout_ms / 1000)
         self.user_features.warm_up({"user_id": 1})
         self.defaults = self.model.manifest.feature_defaults
         self.directory_max_age_s, self.radius_km = directory_max_age_s, radius_km
-        self.metrics = ServingMetrics(export=export_metrics)
+        self.metrics = metrics or ServingMetrics(export=export_metrics)
         self.metrics.model_loaded("retrieval", self.model.version, self.model.manifest.created_at)
         self._lock = threading.Lock()
         self.directory = self._read_directory()
@@ -125,7 +128,7 @@ class RetrievalPipeline(ServedOnnxModel):
             "restaurant_ids": directory.ids[chosen].tolist(),
             "retrieval_scores": scores[top].tolist(),
             "sponsored": directory.sponsored[chosen].tolist(),
-            "eligible": int(len(eligible)),
+            "eligible": len(eligible),
             "known_user": known_user,
             "model_version": self.model.version,
             "fallback": fallback,
@@ -134,8 +137,30 @@ class RetrievalPipeline(ServedOnnxModel):
 
 
 @serve.deployment(name="Retrieval")
-class Retrieval(RetrievalPipeline):
-    """Candidate generation as a Ray Serve deployment (also serves the user tower over OIP v2)."""
+class Retrieval(VersionedDeployment):
+    """Candidate generation as a Ray Serve deployment (also serves the user tower over OIP v2).
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, export_metrics=True, **kwargs)
+    Its user_config has only `version`: the embeddings index the whole catalogue, so a version
+    change is a swap, never a split."""
+
+    def __init__(self, artifacts: str = "artifacts", registry: str | None = None, **pipeline: Any):
+        """`pipeline`: RetrievalPipeline's arguments (online_store, data_dir, directory_max_age_s, ...)."""
+        self.metrics = ServingMetrics()
+        self.pipeline = pipeline
+        self.store = None
+        self.variants: Variants[RetrievalPipeline] = Variants("retrieval", self._load, describe, artifacts, registry,
+                                                              self.metrics)
+
+    def _load(self, path: Path) -> RetrievalPipeline:
+        if self.store is None:
+            self.store = open_store(self.pipeline.get("online_store", "sqlite"),
+                                    data_dir=resolve(self.pipeline["data_dir"]) if self.pipeline.get("data_dir") else None,
+                                    redis=self.pipeline.get("redis"), project=self.pipeline.get("feast_project"))
+        return RetrievalPipeline(str(path), metrics=self.metrics, store=self.store, **self.pipeline)
+
+    def candidates(self, user_id: int, user_lat: float, user_lon: float, request_time: float,
+                   k: int) -> dict[str, Any]:
+        """RetrievalPipeline.candidates by the served version."""
+        answer = self.variants.served.champion.candidates(user_id, user_lat, user_lon, request_time, k)
+        self.metrics.answered("retrieval", answer["model_version"], CHAMPION)
+        return {**answer, "variant": CHAMPION}

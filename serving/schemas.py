@@ -29,6 +29,8 @@ class EtaRequest(BaseModel):
     delivery_lat: float = Field(ge=-90, le=90, description="Drop-off latitude, degrees.")
     delivery_lon: float = Field(ge=-180, le=180, description="Drop-off longitude, degrees.")
     order_time: datetime | None = Field(default=None, description="ISO 8601; default now; naive means UTC.")
+    user_id: int | None = Field(default=None, gt=0, description="Who orders: keeps a canary user on the same "
+                                "model version across requests; without it each request is drawn on its own.")
 
     def order_time_utc(self) -> datetime:
         """The order time as an aware UTC datetime (now when not given)."""

@@ -65,10 +65,14 @@ def measure(model_dir: Path, rounds: int, calls: int) -> dict[str, dict[int, np.
 def main(argv: list[str] | None = None) -> None:
     """Print the comparison table (Markdown)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default="artifacts/eta/current")
+    parser.add_argument("--model-dir", default=None, help="an ETA artifact directory (default: the registry's champion)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=400)
     args = parser.parse_args(argv)
+    if args.model_dir is None:
+        from models.registry import Registry
+
+        args.model_dir = Registry().resolve("eta", "champion").path
     results = measure(resolve(args.model_dir), args.rounds, args.calls)
     shipped = next(iter(results))
     print(f"ONNX Runtime {ort.__version__}, {platform.processor() or platform.machine()}, "

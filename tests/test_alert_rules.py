@@ -48,7 +48,7 @@ MONITOR_METRICS = {
 }
 CONTRACT_METRICS = SERVING_METRICS | MONITOR_METRICS
 # Every label the contract's metrics carry (Ray's own are aggregated away), plus the histogram's `le`.
-CONTRACT_LABELS = {"endpoint", "reason", "view", "model", "version", "model_version", "position", "feature",
+CONTRACT_LABELS = {"endpoint", "reason", "view", "model", "version", "model_version", "variant", "position", "feature",
                    "status", "stage", "table", "le"}
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')

@@ -138,9 +138,9 @@ def _repository_config_with_cluster_settings() -> dict:
 
     config = load_serve_config()
     file_args = config["applications"][0]["args"]
-    feed = {**file_args["feed"], "retrieval_model_dir": "/data/artifacts/retrieval/current",
-            "ranker_model_dir": "/data/artifacts/ranker/current"}
-    args = {"model_dir": "/data/artifacts/eta/current", "online_store": "redis", "feed": feed}
+    args = {"online_store": "redis"}
+    if "artifacts" in file_args:
+        args["artifacts"] = "/data/artifacts"
     if "data_dir" in file_args:
         args["data_dir"] = "/data"
     return with_overrides(config, host="0.0.0.0", args=args)
@@ -148,7 +148,7 @@ def _repository_config_with_cluster_settings() -> dict:
 
 def test_serve_config_is_the_repository_file(render):
     """The chart reads serving/serve_config.yaml through a symlink; serveConfigV2 equals it after the
-    cluster settings (host 0.0.0.0, every model and the data on the volume, Redis), and Ray Serve accepts it."""
+    cluster settings (host 0.0.0.0, the artifacts and the data on the volume, Redis), and Ray Serve accepts it."""
     from serving.app import AppArgs
     from serving.config import validate
 
@@ -163,11 +163,11 @@ def test_serve_config_is_the_repository_file(render):
 
 def test_serve_overrides_take_precedence(render):
     """Precedence: serve.args and serve.deployments > the chart's cluster settings > the file."""
-    rendered = _serve_config(render("defaults", 'serve.args={"max_body_bytes": 131072, "model_dir": "/models/eta"}',
+    rendered = _serve_config(render("defaults", 'serve.args={"max_body_bytes": 131072, "artifacts": "/models"}',
                                     'serve.deployments={"EtaModel": {"autoscaling_config": {"max_replicas": 8}}}'))
     expected = _repository_config_with_cluster_settings()
     app = expected["applications"][0]
-    app["args"].update(max_body_bytes=131072, model_dir="/models/eta")
+    app["args"].update(max_body_bytes=131072, artifacts="/models")
     eta = next(d for d in app["deployments"] if d["name"] == "EtaModel")
     eta["autoscaling_config"]["max_replicas"] = 8  # deep merge: the other autoscaling keys stay
     assert rendered == expected
@@ -194,11 +194,14 @@ def test_packaged_chart_carries_the_serve_config(helm, tmp_path):
 # --- 3. toggles add and remove what they should -------------------------------------------------
 
 def test_defaults_deploy_the_platform(render):
-    """Defaults: RayService, Redis, volume, Feast bootstrap + materialize, training, the live city and the
-    monitor, policies, helm test."""
+    """Defaults: RayService, Redis, the registry's PostgreSQL, volume, Feast bootstrap + materialize, training
+    and retraining, the live city and the monitor, policies, helm test."""
     objects = render()
     assert only(objects, "RayService")["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     only(objects, "StatefulSet", "redis")
+    only(objects, "StatefulSet", "registry")
+    only(objects, "CronJob", "retrain")
+    assert only(objects, "Secret")["metadata"]["name"] == "courier-registry"
     only(objects, "PersistentVolumeClaim", "data")
     only(objects, "Job", "feast-bootstrap")
     only(objects, "CronJob", "feast-materialize")
@@ -207,7 +210,7 @@ def test_defaults_deploy_the_platform(render):
     only(objects, "PodDisruptionBudget", "serving")
     assert only(objects, "Pod", "helm-test")["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert sorted(o["metadata"]["name"] for o in find(objects, "Deployment")) == ["courier-city", "courier-monitor"]
-    for absent in ("InferenceService", "Ingress", "Role", "ValidatingAdmissionPolicy", "Secret", "PrometheusRule"):
+    for absent in ("InferenceService", "Ingress", "Role", "ValidatingAdmissionPolicy", "PrometheusRule"):
         assert not find(objects, absent), f"{absent} should be off by default"
     assert not find(objects, "Job", "locust-master") and not find(objects, "Job", "chaos")
 
@@ -224,6 +227,7 @@ def test_minimal_turns_every_optional_object_off(render):
     ("feast.bootstrap.enabled=false", "Job", "feast-bootstrap"),
     ("feast.materialize.enabled=false", "CronJob", "feast-materialize"),
     ("train.enabled=false", "Job", "train"),
+    ("retrain.enabled=false", "CronJob", "retrain"),
     ("networkPolicy.enabled=false", "NetworkPolicy", None),
     ("podDisruptionBudget.enabled=false", "PodDisruptionBudget", None),
     ("tests.enabled=false", "Pod", "helm-test"),
@@ -267,6 +271,7 @@ def test_kserve_toggle(render):
     assert find(objects, "NetworkPolicy", "kserve")
     script = only(objects, "Job", "train")["spec"]["template"]["spec"]["containers"][0]["command"][2]
     assert "triton/eta/1/model.onnx" in script
+    assert 'Registry().resolve("eta", "champion").path' in script and "current" not in script
     default_script = only(render(), "Job", "train")["spec"]["template"]["spec"]["containers"][0]["command"][2]
     assert "triton" not in default_script
 
@@ -350,7 +355,7 @@ def test_redis_auth_puts_the_password_in_the_connection_string(render):
 def test_external_redis_replaces_the_statefulset(render, render_error):
     """redis.enabled=false uses redis.externalAddress everywhere, and refuses to render without it."""
     objects = render("external-redis")
-    assert not find(objects, "StatefulSet")
+    assert not find(objects, "StatefulSet", "redis") and not find(objects, "StatefulSet", "gcs-redis")
     head = only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     assert env_of(head["containers"][0])["COURIER_REDIS"] == "redis.shared.svc:6380"
     assert "redis.externalAddress" in render_error("defaults", "redis.enabled=false")
@@ -479,7 +484,7 @@ def test_network_policies_expose_only_the_serving_port(render):
         return any(admits(p, labels, port, peer, ns) for p in policies)
     for obj in objects:
         for where, labels, _ in pod_specs(obj):
-            for port in (6379, 8265, 10001, 52365, 8080, 8000, 5557, 6566):
+            for port in (6379, 8265, 10001, 52365, 8080, 8000, 5557, 6566, 5432):
                 assert reachable(labels, port, release_pod), f"{where}:{port} closed to the release"
                 open_to_all = (port == 8000 and labels.get("app.kubernetes.io/component") == "serving") or (
                     port == 8080 and labels.get("app.kubernetes.io/component") == "kserve")
@@ -620,8 +625,12 @@ def test_waivers_follow_the_values(render):
     def waived(objects):
         return {v.split("=")[0] for o in objects for k, v in o["metadata"].get("annotations", {}).items()
                 if k.startswith("checkov.io/skip")}
-    assert waived(render()) == {"CKV_K8S_15", "CKV_K8S_43", "CKV_K8S_40", "CKV_K8S_8", "CKV_K8S_9"}
-    assert waived(render("everything", "redis.auth.enabled=false")) == {"CKV_K8S_38", "CKV_K8S_8", "CKV_K8S_9"}
+    assert waived(render()) == {"CKV_K8S_15", "CKV_K8S_43", "CKV_K8S_40", "CKV_K8S_8", "CKV_K8S_9", "CKV_K8S_35"}
+    assert waived(render("everything", "redis.auth.enabled=false")) == {"CKV_K8S_38", "CKV_K8S_8", "CKV_K8S_9",
+                                                                       "CKV_K8S_35"}
+    # The registry's URI reaches the training pods through their environment only while it holds a password.
+    assert waived(render("everything", "redis.auth.enabled=false", "registry.postgresql.enabled=false",
+                         "retrain.enabled=false")) == {"CKV_K8S_38", "CKV_K8S_8", "CKV_K8S_9"}
 
 
 # --- 6. images, versions and the helm test -------------------------------------------------------
@@ -647,7 +656,7 @@ def test_job_commands_name_real_entry_points(render):
             for c in containers(spec):
                 words = " ".join(c.get("command", []) + c.get("args", [])).split()
                 modules |= {words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m" and words[i - 1].endswith("python")}
-    assert {"models.simulator", "feature_repo.store", "models.eta.train", "loadtest"} <= modules
+    assert {"models.simulator", "feature_repo.store", "models.eta.train", "models.retrain", "loadtest"} <= modules
     for module in modules:
         assert importlib.util.find_spec(module) is not None, f"python -m {module}: no such module"
 

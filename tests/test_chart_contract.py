@@ -20,7 +20,7 @@ import pytest
 import yaml
 from chart_support import SCENARIOS, admits, find, only, rendered_objects
 
-from charts.checks import fit, kserve, kuberay
+from charts.checks import fit, kserve, kuberay, rollout
 from charts.checks.render import ROOT
 
 # --- KubeRay: validation.go on every scenario ---------------------------------------------------
@@ -160,31 +160,63 @@ def _run_waiting(script: str, data_dir: Path, env: dict[str, str], timeout_s: fl
 
 
 def test_the_head_waits_for_every_model_and_the_redis_cleanup_job_for_none(render, tmp_path):
-    """The head's init container waits for each model the serve config loads (ETA, retrieval, ranker) and
-    the Feast registry. KubeRay's Redis cleanup Job is built from the head pod, init containers included
-    (raycluster_controller.go buildRedisCleanupJob): with its node type it must not wait, or an uninstall
-    before training hangs on the GCS finalizer."""
+    """The head's init container waits for the champion of each model the serve config serves (ETA, retrieval,
+    ranker) and the Feast registry (run for real against a SQLite registry in
+    test_chart_rollout.py::test_the_head_wait_resolves_each_version_in_a_real_registry). KubeRay's Redis
+    cleanup Job is built from the head pod, init containers included (raycluster_controller.go
+    buildRedisCleanupJob): with its node type it must not wait, or an uninstall before training hangs on the
+    GCS finalizer."""
     head = only(render("gcs-fault-tolerance"), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
     wait = head["template"]["spec"]["initContainers"][0]
-    assert wait["env"] == [{"name": "RAY_NODE_TYPE", "valueFrom": {
-        "fieldRef": {"fieldPath": "metadata.labels['ray.io/node-type']"}}}]
+    assert wait["env"][0] == {"name": "RAY_NODE_TYPE", "valueFrom": {
+        "fieldRef": {"fieldPath": "metadata.labels['ray.io/node-type']"}}}
     script = _script(wait)
-    serve_args = yaml.safe_load(only(render(), "RayService")["spec"]["serveConfigV2"])["applications"][0]["args"]
-    needed = [serve_args["model_dir"], serve_args["feed"]["retrieval_model_dir"], serve_args["feed"]["ranker_model_dir"]]
-    assert needed == ["/data/artifacts/eta/current", "/data/artifacts/retrieval/current", "/data/artifacts/ranker/current"]
-
+    assert "eta=champion ranker=champion retrieval=champion" in script and "/data/feast/registry.db" in script
     code, out = _run_waiting(script, tmp_path, {"RAY_NODE_TYPE": "redis-cleanup"})
     assert code == 0 and "nothing to wait for" in out
-    files = [Path(f"{tmp_path}/{p.removeprefix('/data/')}/manifest.json") for p in needed]
-    files.append(tmp_path / "feast" / "registry.db")
-    for path in files[:-1]:
-        path.parent.mkdir(parents=True)
-        path.write_text("{}")
-    code, out = _run_waiting(script, tmp_path, {"RAY_NODE_TYPE": "head"})
-    assert code is None and "feast/registry.db" in out and "ranker" not in out  # still waiting, for the registry
-    files[-1].parent.mkdir(parents=True)
-    files[-1].write_text("")
-    assert _run_waiting(script, tmp_path, {"RAY_NODE_TYPE": "head"})[0] == 0
+
+
+# --- Ray Serve: the model slots of the serve config -------------------------------------------------
+
+
+def _eta_slot(config: dict) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == "EtaModel")["user_config"]
+
+
+def _ingress_eta(config: dict) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")["user_config"]["eta"]
+
+
+SLOT_REFUSALS: list[tuple[str, Callable[[dict], None], str]] = [
+    ("shadow-needs-a-challenger", lambda c: _eta_slot(c).update(shadow=0.1, challenger=None), "need a challenger"),
+    ("canary-needs-a-challenger", lambda c: _eta_slot(c).update(canary=0.5, challenger=None), "need a challenger"),
+    ("share-above-one", lambda c: _eta_slot(c).update(shadow=1.5, challenger="eta-2"), "a share is a number in [0, 1]"),
+    ("share-negative", lambda c: _eta_slot(c).update(canary=-0.1, challenger="eta-2"), "a share is a number in [0, 1]"),
+    ("share-not-a-number", lambda c: _eta_slot(c).update(canary="half", challenger="eta-2"), "a share is a number"),
+    ("ingress-eta-differs", lambda c: _ingress_eta(c).update(version="eta-other"), "must be the same versions"),
+    ("unknown-key", lambda c: _eta_slot(c).update(weight=0.5), "unknown user_config key"),
+    ("no-version", lambda c: _eta_slot(c).update(version=""), "no version"),
+    ("challenger-is-the-version", lambda c: _eta_slot(c).update(challenger=_eta_slot(c)["version"]), "the version itself"),
+]
+
+
+@pytest.mark.parametrize(("name", "breaking", "message"), SLOT_REFUSALS, ids=[n for n, *_ in SLOT_REFUSALS])
+def test_slot_rules_refuse_what_ray_serve_refuses(render, name, breaking, message):
+    """Break a model slot of the rendered serve config the way Ray Serve's reconfigure (serving/variants.py)
+    would refuse it, or make the Ingress's ETA slot differ from EtaModel's: charts/checks/rollout.py says so."""
+    config = yaml.safe_load(only(render(), "RayService")["spec"]["serveConfigV2"])
+    assert rollout.slot_violations(config) == []
+    breaking(config)
+    problems = rollout.slot_violations(config)
+    assert any(message in p for p in problems), f"{name}: {problems}"
+
+
+def test_every_scenario_serves_consistent_slots(render):
+    """No scenario renders a slot Ray Serve would refuse or two ETA slots that differ."""
+    for scenario in SCENARIOS:
+        for rayservice in find(render(scenario), "RayService"):
+            assert rollout.slot_violations(yaml.safe_load(rayservice["spec"]["serveConfigV2"])) == [], scenario
+        assert list(rollout.registry_violations(render(scenario))) == [], scenario
 
 
 # --- KServe: the runtime and the model ------------------------------------------------------------

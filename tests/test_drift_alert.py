@@ -46,7 +46,7 @@ def test_the_live_eta_error_alert_fires_on_a_slower_world_and_not_before(tmp_pat
     prefix = f"courier-test-alert:{uuid.uuid4().hex[:8]}"
     keys = {"predictions": f"{prefix}:predictions", "outcomes": f"{prefix}:outcomes", "group": "alert-test"}
     offline = json.loads((fake_eta / "manifest.json").read_text())["metrics"]["rmse"]
-    monitor = Monitor(settings_for(keys), client, tmp_path / "data", {"eta": fake_eta})
+    monitor = Monitor(settings_for(keys), client, tmp_path / "data", fake_eta.artifacts)
     port, stop, shift = free_port(), threading.Event(), [0.0]
     writer = threading.Thread(target=_write, args=(client, keys, stop, shift, offline), daemon=True)
     monitor.start(port, "127.0.0.1")

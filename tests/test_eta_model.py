@@ -36,14 +36,14 @@ def trained(eta_trained) -> TrainResult:
 
 @pytest.fixture(scope="session")
 def defaults(trained: TrainResult) -> dict[str, float]:
-    """The feature defaults of the published artifact."""
-    return load_manifest(trained.current).feature_defaults
+    """The feature defaults of the registered artifact."""
+    return load_manifest(trained.target).feature_defaults
 
 
 @pytest.fixture(scope="session")
 def session(trained: TrainResult):
-    """ONNX Runtime session of the published artifact."""
-    return onnx_session(trained.current / "model.onnx")
+    """ONNX Runtime session of the registered artifact."""
+    return onnx_session(trained.target / "model.onnx")
 
 
 def _torch_predict(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -73,9 +73,9 @@ def test_onnx_batch_dimension_is_dynamic(
 
 def test_manifest_describes_the_model_and_round_trips(trained: TrainResult) -> None:
     """The manifest names eta_v1, has version, training window, metrics, defaults; round-trips."""
-    manifest = load_manifest(trained.current)
+    manifest = load_manifest(trained.target)
     assert manifest.name == "eta" and manifest.feature_service == FEATURE_SERVICE == "eta_v1"
-    assert manifest.version == trained.version == trained.current.resolve().name
+    assert manifest.version == trained.version == trained.target.name
     assert set(manifest.training_window) == {"start", "end"}
     assert pd.Timestamp(manifest.training_window["start"]) < pd.Timestamp(
         manifest.training_window["end"]
@@ -88,7 +88,7 @@ def test_manifest_describes_the_model_and_round_trips(trained: TrainResult) -> N
     ]
     assert [(t.name, t.shape) for t in manifest.outputs] == [("eta_minutes", [-1])]
     assert ModelManifest.from_dict(json.loads(manifest.to_json())) == manifest
-    restaurants = pd.read_parquet(trained.current / RESTAURANTS_FILE)
+    restaurants = pd.read_parquet(trained.target / RESTAURANTS_FILE)
     assert (
         list(restaurants.columns) == ["restaurant_id", "lat", "lon"]
         and restaurants["restaurant_id"].is_unique

@@ -53,6 +53,7 @@ def test_feed_returns_ranked_cards_with_eta_and_versions(client, users):
     assert organic == sorted(organic, reverse=True)
     assert all(0 <= c["p_order"] <= 1 and c["eta_minutes"] > 0 for c in cards)
     assert set(answer["model_versions"]) == {"retrieval", "ranker", "eta"}
+    assert answer["variants"] == {"ranker": "champion", "eta": "champion"}
 
 
 def test_a_closed_restaurant_never_appears(client, users, restaurants):

@@ -68,6 +68,23 @@ def keys() -> dict[str, str]:
     return {"predictions": f"{prefix}:predictions", "outcomes": f"{prefix}:outcomes", "group": "monitor-test"}
 
 
+ETA_VERSION = "eta-20260101000000-abcdef"
+
+
+@pytest.fixture
+def monitor_artifacts(tmp_path) -> Path:
+    """An artifact root with one ETA version holding what the monitor reads: a manifest (offline RMSE
+    3.5, feature service eta_v1) and a drift reference. No `current` link: versions are found by name."""
+    directory = tmp_path / "artifacts" / "eta" / ETA_VERSION
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text(json.dumps({"name": "eta", "version": ETA_VERSION,
+                                                         "feature_service": "eta_v1", "metrics": {"rmse": 3.5}}))
+    rng = np.random.default_rng(1)
+    write_reference(directory, {"distance_km": rng.uniform(0, 5, 5000), "congestion_ratio": rng.uniform(0, 1, 5000)},
+                    {"eta_minutes": rng.normal(30, 5, 5000)})
+    return tmp_path / "artifacts"
+
+
 def settings_for(keys: dict[str, str], **changes) -> MonitorSettings:
     """The project's monitor settings on the test's streams, with small windows and batches."""
     raw = yaml.safe_load((PROJECT / "monitoring" / "config.yaml").read_text())
@@ -242,7 +259,7 @@ def test_eta_and_feed_counters_add_up(tmp_path) -> None:
     for rid, predicted, delivered in pairs:
         joiner.add_prediction(eta_record(rid, predicted))
         joiner.add_outcome(delivery(rid, delivered))
-    v = {"model_version": "eta-20260101000000-abcdef"}
+    v = {"model_version": "eta-20260101000000-abcdef", "variant": "champion"}  # no variant logged: the champion
     assert metrics.value("courier_eta_outcomes_total", v) == 3
     assert metrics.value("courier_eta_error_minutes_total", v) == pytest.approx(3 - 2 + 0.5)
     assert metrics.value("courier_eta_abs_error_minutes_total", v) == pytest.approx(3 + 2 + 0.5)
@@ -252,7 +269,7 @@ def test_eta_and_feed_counters_add_up(tmp_path) -> None:
                         "scenario": "normal"})
     joiner.add_prediction(feed_record("f2", [(12, 0.2), (11, 0.1)]))
     joiner.add_outcome({"request_id": "f2", "ts": time.time(), "kind": "feed", "ordered": [], "scenario": "normal"})
-    r = {"model_version": "ranker-v"}
+    r = {"model_version": "ranker-v", "variant": "champion"}
     assert metrics.value("courier_feed_impressions_total", r | {"position": "1"}) == 2
     assert metrics.value("courier_feed_impressions_total", r | {"position": "3"}) == 1
     assert metrics.value("courier_feed_orders_total", r | {"position": "1"}) == 1
@@ -282,18 +299,83 @@ def test_unjoined_halves_expire_and_are_counted(tmp_path) -> None:
     joiner.add_prediction(eta_record("x", 20.0))
     assert joiner.add_outcome(delivery("x", 21.0)) is True
     assert joiner.add_outcome(delivery("x", 21.0)) is False  # redelivered after a restart: ignored
-    assert metrics.value("courier_eta_outcomes_total", {"model_version": "eta-20260101000000-abcdef"}) == 1
+    assert metrics.value("courier_eta_outcomes_total", {"model_version": ETA_VERSION, "variant": "champion"}) == 1
     for rid in ("p1", "p2", "p3"):
         joiner.add_prediction(feed_record(rid, [(1, 0.1)]))
     assert list(joiner.predictions) == ["p2", "p3"]
     assert metrics.value("courier_unjoined_expired_total", {"endpoint": "feed", "kind": "prediction"}) == 1
 
 
-def test_monitor_joins_from_redis_in_either_order_and_appends_parquet(client, keys, tmp_path, fake_eta) -> None:
+def test_each_prediction_record_of_a_request_becomes_rows_with_its_variant(tmp_path) -> None:
+    """A canary answer, a champion answer shadowed before and after its outcome, a shadowed feed: one row
+    per record, variant column and labels; a shadow page counts for top-slot calibration, not conversion."""
+    metrics = MonitorMetrics()
+    joiner = Joiner(metrics, tmp_path / "logged", expire_s=60)
+    joiner.add_prediction(eta_record("canary", 20.0, "eta-new") | {"variant": "challenger"})
+    joiner.add_outcome(delivery("canary", 22.0))
+    joiner.add_prediction(eta_record("early", 30.0) | {"variant": "champion"})
+    joiner.add_prediction({"request_id": "early", "endpoint": "eta", "variant": "shadow", "model_version": "eta-new",
+                           "eta_minutes": 33.0, "ts": time.time()})  # the shadow comes before the outcome
+    assert joiner.add_outcome(delivery("early", 34.0)) is True
+    joiner.add_prediction(eta_record("late", 30.0) | {"variant": "champion"})
+    joiner.add_outcome(delivery("late", 31.0))
+    shadow = {"request_id": "late", "endpoint": "eta", "variant": "shadow", "model_version": "eta-new",
+              "eta_minutes": 31.5, "ts": time.time()}
+    assert joiner.add_prediction(shadow) is True  # after its outcome was joined: it still joins
+    assert joiner.add_prediction(shadow) is False and joiner.stats["duplicates"] == 1  # redelivered
+    new = {"model_version": "eta-new"}
+    assert metrics.value("courier_eta_outcomes_total", new | {"variant": "challenger"}) == 1
+    assert metrics.value("courier_eta_outcomes_total", new | {"variant": "shadow"}) == 2
+    assert metrics.value("courier_eta_squared_error_minutes2_total", new | {"variant": "shadow"}) == 1 + 0.25
+    assert metrics.value("courier_eta_outcomes_total", {"model_version": ETA_VERSION, "variant": "champion"}) == 2
+    assert metrics.value("courier_joined_records_total", {"endpoint": "eta"}) == 5
+
+    joiner.add_prediction(feed_record("f", [(11, 0.3), (12, 0.1)]) | {"variant": "champion"})
+    joiner.add_outcome({"request_id": "f", "ts": time.time(), "kind": "feed", "ordered": [11], "scenario": "normal"})
+    joiner.add_prediction({"request_id": "f", "endpoint": "feed", "variant": "shadow", "model_version": "ranker-new",
+                           "restaurant_ids": [12, 11], "p_order": [0.2, 0.5], "ts": time.time()})
+    shadow_labels = {"model_version": "ranker-new", "variant": "shadow"}
+    assert metrics.value("courier_feed_impressions_total", shadow_labels | {"position": "1"}) is None
+    assert metrics.value("courier_feed_top_predicted_orders_total", shadow_labels) == pytest.approx(0.5)
+    assert metrics.value("courier_feed_top_orders_total", shadow_labels) == 1
+    joiner.flush()
+
+    eta = pd.read_parquet(tmp_path / "logged" / "eta_outcomes").sort_values(["request_id", "variant"])
+    assert eta[["request_id", "variant", "model_version", "error_minutes"]].values.tolist() == [
+        ["canary", "challenger", "eta-new", 2.0], ["early", "champion", ETA_VERSION, 4.0],
+        ["early", "shadow", "eta-new", 1.0], ["late", "champion", ETA_VERSION, 1.0], ["late", "shadow", "eta-new", -0.5]]
+    late_shadow = eta[(eta.request_id == "late") & (eta.variant == "shadow")].iloc[0]
+    assert late_shadow.input_distance_km == 2.0 and late_shadow.restaurant_id == 7  # the request's context
+    feed = pd.read_parquet(tmp_path / "logged" / "feed_impressions").sort_values(["variant", "position"])
+    assert feed[["variant", "model_version", "restaurant_id", "position", "p_order", "ordered"]].values.tolist() == [
+        ["champion", "ranker-v", 11, 1, 0.3, 1], ["champion", "ranker-v", 12, 2, 0.1, 0],
+        ["shadow", "ranker-new", 11, 1, 0.5, 1], ["shadow", "ranker-new", 12, 2, 0.2, 0]]
+    assert set(feed["retrieval_version"]) == {"retrieval-v"}
+
+
+def test_the_monitor_finds_each_version_by_name_without_a_current_link(client, keys, monitor_artifacts) -> None:
+    """No artifacts/<model>/current: the offline RMSE and the reference of every version the log names
+    are read from <artifacts>/eta/<model_version>/, including a version that appears later."""
+    monitor = Monitor(settings_for(keys), client, monitor_artifacts.parent / "data", monitor_artifacts)
+    assert not (monitor_artifacts / "eta" / "current").exists() and monitor.artifacts["eta"].versions() == [ETA_VERSION]
+    assert monitor._take("predictions", eta_record("a", 30.0) | {"variant": "champion"})
+    assert monitor.metrics.value("courier_eta_offline_rmse_minutes", {"model_version": ETA_VERSION}) == 3.5
+    newer = "eta-20260102000000-123456"
+    (monitor_artifacts / "eta" / newer).mkdir()
+    (monitor_artifacts / "eta" / newer / "manifest.json").write_text(json.dumps({"name": "eta", "version": newer,
+                                                                           "metrics": {"rmse": 3.1}}))
+    monitor._take("predictions", {"request_id": "b", "endpoint": "eta", "variant": "shadow", "model_version": newer,
+                                  "eta_minutes": 29.0})
+    assert monitor.metrics.value("courier_eta_offline_rmse_minutes", {"model_version": newer}) == 3.1
+    assert monitor.artifacts["eta"].reference(ETA_VERSION)["predictions"]["eta_minutes"]["count"] == 5000
+    assert monitor.artifacts["eta"].manifest("../eta") is None  # a version is a folder name, nothing else
+
+
+def test_monitor_joins_from_redis_in_either_order_and_appends_parquet(client, keys, tmp_path, monitor_artifacts) -> None:
     """Outcome first or prediction first, both join; the offline log holds one row per delivery and per
     card with the stated columns; the metrics are served over HTTP; offline RMSE comes from the manifest."""
     settings = settings_for(keys, offline_log__batch_rows=3)
-    monitor = Monitor(settings, client, tmp_path / "data", {"eta": fake_eta})
+    monitor = Monitor(settings, client, tmp_path / "data", monitor_artifacts)
     monitor.consumer.ensure_groups()
     xadd(client, keys["outcomes"], delivery("late-pred", 31.0))  # the outcome comes first
     xadd(client, keys["predictions"], eta_record("late-pred", 30.0))
@@ -309,7 +391,8 @@ def test_monitor_joins_from_redis_in_either_order_and_appends_parquet(client, ke
     assert monitor.read == {"predictions": 3, "outcomes": 4, "bad": 1}
     assert client.xpending(keys["outcomes"], keys["group"])["pending"] == 0  # all acknowledged, the bad one too
     version = "eta-20260101000000-abcdef"
-    assert monitor.metrics.value("courier_eta_squared_error_minutes2_total", {"model_version": version}) == 17
+    assert monitor.metrics.value("courier_eta_squared_error_minutes2_total",
+                                 {"model_version": version, "variant": "champion"}) == 17
     assert monitor.metrics.value("courier_eta_offline_rmse_minutes", {"model_version": version}) == 3.5
     assert monitor.metrics.value("courier_model_age_budget_seconds", {"model": "eta"}) == 604800
 
@@ -333,7 +416,7 @@ def test_monitor_joins_from_redis_in_either_order_and_appends_parquet(client, ke
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
         server.shutdown()
-    assert f'courier_eta_outcomes_total{{model_version="{version}"}} 2.0' in text
+    assert f'courier_eta_outcomes_total{{model_version="{version}",variant="champion"}} 2.0' in text
     assert 'courier_offline_rows_appended_total{table="feed_impressions"} 2.0' in text
 
 
@@ -369,10 +452,10 @@ def test_a_restarted_consumer_gets_what_it_had_not_acknowledged(client, keys) ->
 
 # --- drift --------------------------------------------------------------------------------------
 
-def test_drift_psi_is_small_for_the_training_distribution_and_large_for_a_shift(fake_eta) -> None:
+def test_drift_psi_is_small_for_the_training_distribution_and_large_for_a_shift(monitor_artifacts) -> None:
     """Windows of logged predictions drawn like the reference stay under 0.1; a shifted input exceeds 0.25."""
     metrics = MonitorMetrics()
-    drift = DriftMonitor(metrics, {"eta": Artifacts(fake_eta)}, window=2000, min_count=500,
+    drift = DriftMonitor(metrics, {"eta": Artifacts(monitor_artifacts / "eta")}, window=2000, min_count=500,
                          eta_features=["distance_km", "congestion_ratio"])
     rng = np.random.default_rng(2)
     version = "eta-20260101000000-abcdef"
@@ -407,9 +490,8 @@ def test_drift_compares_a_window_with_the_training_hours_it_covers(tmp_path) -> 
     eta = np.concatenate([rng.normal(20, 3, n), rng.normal(40, 3, n)])
     write_reference(directory, {"congestion_ratio": congestion}, {"eta_minutes": eta},
                     hours={"features": hours, "predictions": hours})
-    (tmp_path / "eta" / "current").symlink_to(version)
     metrics = MonitorMetrics()
-    drift = DriftMonitor(metrics, {"eta": Artifacts(tmp_path / "eta" / "current")}, window=600, min_count=300,
+    drift = DriftMonitor(metrics, {"eta": Artifacts(tmp_path / "eta")}, window=600, min_count=300,
                          eta_features=["congestion_ratio"])
     dinner = datetime(2026, 11, 30, 19, tzinfo=UTC).timestamp()
     window = [(float(rng.normal(40, 3)), float(rng.uniform(0.6, 1.0))) for _ in range(600)]
@@ -479,14 +561,14 @@ def test_freshness_ages_and_budgets_match_known_timestamps(fresh_store, city_dir
     assert value("courier_feature_view_ttl_seconds", {"view": "restaurant_profile"}) == math.inf
 
 
-def test_monitor_in_threads_probes_the_served_views_and_stops_cleanly(client, keys, tmp_path, fake_eta,
+def test_monitor_in_threads_probes_the_served_views_and_stops_cleanly(client, keys, tmp_path, monitor_artifacts,
                                                                       fresh_store, city_dir) -> None:
     """The drill's API: start(port) runs join and freshness in threads behind /metrics; stop() writes the rows."""
     data_dir = tmp_path / "data"
     (data_dir / "offline").mkdir(parents=True)
     for table in ("restaurants", "area_congestion"):  # the entity keys the probe reads
         (data_dir / "offline" / f"{table}.parquet").symlink_to(city_dir / "offline" / f"{table}.parquet")
-    monitor = Monitor(settings_for(keys, freshness__every_s=0.2), client, data_dir, {"eta": fake_eta},
+    monitor = Monitor(settings_for(keys, freshness__every_s=0.2), client, data_dir, monitor_artifacts,
                       time_scale=60, store=fresh_store)
     assert {v.name for v in monitor.freshness.views} == {"restaurant_profile", "restaurant_prep_7d",
                                                          "restaurant_load_15m", "area_congestion_15m"}
@@ -513,13 +595,14 @@ def test_monitor_in_threads_probes_the_served_views_and_stops_cleanly(client, ke
 
 # --- the command line ---------------------------------------------------------------------------
 
-def test_cli_serves_metrics_and_stops_cleanly_on_sigterm(client, keys, tmp_path, fake_eta) -> None:
+def test_cli_serves_metrics_and_stops_cleanly_on_sigterm(client, keys, tmp_path, monitor_artifacts) -> None:
     """python -m monitoring: joins from its streams, answers /metrics, exits 0 on SIGTERM after writing rows."""
     config = yaml.safe_load((PROJECT / "monitoring" / "config.yaml").read_text())
     config["streams"].update(predictions=keys["predictions"], outcomes=keys["outcomes"], group=keys["group"])
     (tmp_path / "monitor.yaml").write_text(yaml.safe_dump(config))
     serve = yaml.safe_load((PROJECT / "serving" / "serve_config.yaml").read_text())
-    serve["applications"][0]["args"].update(model_dir=str(fake_eta), feed=None, prediction_log=None)
+    serve["applications"][0]["args"].update(artifacts=str(monitor_artifacts), feed=None, prediction_log=None)
+    serve["applications"][0]["args"].pop("model_dir", None)  # gone with the registry (issue 12)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve))
     port = free_port()
     xadd(client, keys["predictions"], eta_record("cli", 30.0))

@@ -156,10 +156,11 @@ def test_every_answer_under_load_is_logged_once_with_what_the_model_saw(served, 
     assert set(logged) == set(sent), f"{len(sent) - len(logged)} of {len(sent)} answers were not logged"
     eta = next(r for r in logged.values() if r["endpoint"] == "eta")
     assert set(eta["inputs"]) == set(FEATURE_NAMES) and eta["inputs"]["distance_km"] > 0
-    assert eta["eta_minutes"] > 0 and eta["model"] == "eta" and eta["model_version"]
+    assert eta["eta_minutes"] > 0 and eta["model"] == "eta" and eta["model_version"] and eta["variant"] == "champion"
     feed = next(r for r in logged.values() if r["endpoint"] == "feed")
     assert [c["position"] for c in feed["cards"]] == list(range(1, len(feed["cards"]) + 1))
     assert feed["model_versions"]["ranker"] == feed["model_version"] and 0 <= feed["cards"][0]["p_order"] <= 1
+    assert feed["variant"] == "champion" and feed["variants"] == {"ranker": "champion", "eta": "champion"}
     echoed = httpx.post(f"{served.url}/v1/eta", json=known, headers={"X-Request-Id": "checkout-7"}, timeout=30)
     assert echoed.json()["request_id"] == "checkout-7"
     refused = httpx.post(f"{served.url}/v1/eta", json=known, headers={"X-Request-Id": "no spaces"}, timeout=30)

@@ -7,7 +7,6 @@ quality targets are not asserted here (the city is too small); `make train` repo
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -42,12 +41,12 @@ def trained(ranker_trained):
 
 @pytest.fixture(scope="module")
 def manifest(trained):
-    return load_manifest(trained.current)
+    return load_manifest(trained.target)
 
 
 @pytest.fixture(scope="module")
 def session(trained):
-    return onnx_session(trained.current / "model.onnx")
+    return onnx_session(trained.target / "model.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +82,7 @@ def test_onnx_batch_dimension_is_dynamic(manifest, session, test_rows, batch: in
 def test_manifest_is_the_serving_contract(trained, manifest) -> None:
     """Name, feature service, tensors, serving position, index ranges, defaults; round-trips."""
     assert manifest.name == "ranker" and manifest.feature_service == "ranker_v1"
-    assert manifest.version == trained.version == trained.current.resolve().name
+    assert manifest.version == trained.version == trained.target.name
     assert [(t.name, t.datatype, t.shape) for t in manifest.inputs] == [
         ("dense", "FP32", [-1, len(FEATURE_NAMES)]), ("restaurant_bucket", "INT64", [-1]), ("position", "INT64", [-1])]
     assert [(t.name, t.shape) for t in manifest.outputs] == [("p_order", [-1])]
@@ -92,7 +91,7 @@ def test_manifest_is_the_serving_contract(trained, manifest) -> None:
                                               "position": [1, MAX_POSITION]}
     assert set(USER_FEATURES) <= set(manifest.feature_defaults)
     assert ModelManifest.from_dict(json.loads(manifest.to_json())) == manifest
-    restaurants = pd.read_parquet(trained.current / RESTAURANTS_FILE)
+    restaurants = pd.read_parquet(trained.target / RESTAURANTS_FILE)
     assert restaurants["restaurant_id"].is_unique and {"lat", "lon", "cuisine"} <= set(restaurants.columns)
 
 

@@ -35,19 +35,19 @@ def trained(retrieval_trained):
 
 @pytest.fixture(scope="module")
 def manifest(trained):
-    return load_manifest(trained.current)
+    return load_manifest(trained.target)
 
 
 @pytest.fixture(scope="module")
 def session(trained):
     from models.ranker.export import onnx_session
 
-    return onnx_session(trained.current / "model.onnx")
+    return onnx_session(trained.target / "model.onnx")
 
 
 @pytest.fixture(scope="module")
 def index(trained) -> RestaurantIndex:
-    return RestaurantIndex.load(trained.current)
+    return RestaurantIndex.load(trained.target)
 
 
 def test_user_tower_onnx_matches_pytorch(trained, manifest, session) -> None:
@@ -69,7 +69,7 @@ def test_artifact_is_the_serving_contract(trained, manifest, index) -> None:
     assert manifest.extra["embedding_dim"] == EMBEDDING_DIM and "inner product" in manifest.extra["index_kind"]
     assert set(manifest.feature_defaults) == set(USER_FEATURES)
     assert ModelManifest.from_dict(json.loads(manifest.to_json())) == manifest
-    embeddings, ids = np.load(trained.current / EMBEDDINGS_FILE), np.load(trained.current / IDS_FILE)
+    embeddings, ids = np.load(trained.target / EMBEDDINGS_FILE), np.load(trained.target / IDS_FILE)
     restaurants = trained.frames["restaurants"]
     assert embeddings.dtype == np.float32 and embeddings.shape == (len(restaurants), EMBEDDING_DIM)
     assert ids.dtype == np.int64 and len(np.unique(ids)) == len(ids)

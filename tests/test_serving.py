@@ -28,8 +28,8 @@ def client(served):
 
 
 @pytest.fixture(scope="module")
-def model(eta_artifacts) -> OnnxModel:
-    return OnnxModel(eta_artifacts / "eta" / "current")
+def model(eta_trained) -> OnnxModel:
+    return OnnxModel(eta_trained.target)
 
 
 def expected_eta(body: dict, store, model: OnnxModel) -> float:
@@ -48,7 +48,7 @@ def test_eta_answers_with_the_model_and_feature_ages(client, known, feature_stor
     response = client.post("/v1/eta", json=known)
     assert response.status_code == 200, response.text
     answer = response.json()
-    assert answer["model_version"] == model.version
+    assert answer["model_version"] == model.version and answer["variant"] == "champion"
     assert answer["feature_service"] == "eta_v1"
     assert answer["degraded"] is False and answer["fallback"] is None
     assert set(answer["feature_age_seconds"]) == {"restaurant_profile", "restaurant_prep_7d",
@@ -224,7 +224,7 @@ def test_prometheus_metrics_have_per_stage_latency(served, client, known):
         pytest.fail(f"stage histograms missing from metrics: {courier_lines}")
 
 
-def test_artifact_with_an_unservable_feature_service_is_refused(tmp_path, eta_artifacts, city_dir):
+def test_artifact_with_an_unservable_feature_service_is_refused(tmp_path, eta_trained, city_dir):
     """Serving's model deployment refuses to load a model trained on a service the store lacks."""
     import shutil
 
@@ -232,7 +232,7 @@ def test_artifact_with_an_unservable_feature_service_is_refused(tmp_path, eta_ar
     from serving.eta import EtaPipeline
 
     bad = tmp_path / "bad"
-    shutil.copytree((eta_artifacts / "eta" / "current").resolve(), bad)
+    shutil.copytree(eta_trained.target, bad)
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["feature_service"] = "eta_v0"
     (bad / "manifest.json").write_text(json.dumps(manifest))
@@ -274,7 +274,7 @@ class OwnRedis:
             self.process.wait(timeout=10)
 
 
-def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, city_summary, eta_artifacts, known,
+def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, city_summary, eta_trained, known,
                                                         retrieval_trained, ranker_trained):
     """With the Redis online store down, /v1/eta answers from the fallback and says so; then recovers.
     The prediction log lives on the same Redis here: while it is down answers still go out, and the
@@ -300,7 +300,7 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
 
     try:
         load_store()
-        overrides = ["--num-cpus", "2", *serve_overrides(tmp_path, eta_artifacts, retrieval_trained, ranker_trained,
+        overrides = ["--num-cpus", "2", *serve_overrides(tmp_path, eta_trained, retrieval_trained, ranker_trained,
                                                          online_store="redis", redis=own.address,
                                                          feast_project=project, eta_in_ingress=False,
                                                          feed_args={"feature_cache_s": 0},
@@ -310,7 +310,7 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
         with BackgroundServer(free_port(), free_port(), tmp_path / "serve.log", extra=overrides) as server:
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 normal = http.post("/v1/eta", json=known).json()
-                assert normal["degraded"] is False, normal
+                assert normal["degraded"] is False and normal["variant"] == "champion", normal
                 together = asyncio.run(_post_together(server.url, [known, {**known, "restaurant_id": 987654}] * 4))
                 assert [r.status_code for r in together] == [200, 404] * 4  # a batch fails only its unknown one
                 assert {r.json()["eta_minutes"] for r in together[::2]} == {normal["eta_minutes"]}
@@ -341,12 +341,12 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
         own.stop()
 
 
-def test_an_empty_feature_read_answers_empty_and_leaves_the_store_up(eta_artifacts, city_dir, known):
+def test_an_empty_feature_read_answers_empty_and_leaves_the_store_up(eta_trained, city_dir, known):
     """No candidates (nothing open nearby) is not a store failure: the next read still goes to the store."""
     from serving.eta import EtaPipeline
     from serving.schemas import parse_eta_request
 
-    pipeline = EtaPipeline(str(eta_artifacts / "eta" / "current"), "sqlite", str(city_dir))
+    pipeline = EtaPipeline(str(eta_trained.target), "sqlite", str(city_dir))
     assert pipeline.predict_many([], known["delivery_lat"], known["delivery_lon"], 1.7e9) == {
         "eta_minutes": [], "model_version": pipeline.model.version, "fallback": None}
     assert pipeline.predict(parse_eta_request(json.dumps(known).encode()))["degraded"] is False
@@ -372,14 +372,14 @@ async def _post_together(url: str, bodies: list[dict]) -> list[httpx.Response]:
         return await asyncio.gather(*(http.post("/v1/eta", json=body) for body in bodies))
 
 
-def test_a_batch_of_eta_requests_gets_the_answers_of_one_at_a_time(eta_artifacts, city_dir, known):
+def test_a_batch_of_eta_requests_gets_the_answers_of_one_at_a_time(eta_trained, city_dir, known):
     """Cross-request batching (`eta_batching`) answers each request as if it came alone; an unknown
     restaurant fails only its own request."""
     from serving.errors import NotFound
     from serving.eta import EtaPipeline
     from serving.schemas import parse_eta_request
 
-    pipeline = EtaPipeline(str(eta_artifacts / "eta" / "current"), "sqlite", str(city_dir))
+    pipeline = EtaPipeline(str(eta_trained.target), "sqlite", str(city_dir))
     requests = [parse_eta_request(json.dumps({**known, "restaurant_id": rid, "delivery_lat": known["delivery_lat"] + d}).encode())
                 for rid, d in [(1, 0.0), (2, 0.01), (known["restaurant_id"], -0.01), (999_999, 0.0), (3, 0.02)]]
     batched = pipeline.predict_batch(requests)
@@ -395,7 +395,7 @@ def test_a_batch_of_eta_requests_gets_the_answers_of_one_at_a_time(eta_artifacts
     assert len({a["eta_minutes"] for a in batched if isinstance(a, dict)}) > 1  # not one answer copied
 
 
-def test_the_ingress_awaits_the_same_answer_and_falls_back_the_same(eta_artifacts, city_dir, known):
+def test_the_ingress_awaits_the_same_answer_and_falls_back_the_same(eta_trained, city_dir, known):
     """predict_async (the Ingress's /v1/eta: it awaits the feature read) answers as predict does,
     also with the store unreachable (a port nothing listens on): from the fallback, and says so."""
     from serving.errors import NotFound
@@ -409,14 +409,14 @@ def test_the_ingress_awaits_the_same_answer_and_falls_back_the_same(eta_artifact
 
     request = parse_eta_request(json.dumps(known).encode())
     unknown = parse_eta_request(json.dumps({**known, "restaurant_id": 987654}).encode())
-    pipeline = EtaPipeline(str(eta_artifacts / "eta" / "current"), "sqlite", str(city_dir))
+    pipeline = EtaPipeline(str(eta_trained.target), "sqlite", str(city_dir))
     answer = asyncio.run(pipeline.predict_async(request))
     same(answer, pipeline.predict(request))
     assert answer["degraded"] is False
     with pytest.raises(NotFound):
         asyncio.run(pipeline.predict_async(unknown))
 
-    unreachable = EtaPipeline(str(eta_artifacts / "eta" / "current"), "redis", str(city_dir),
+    unreachable = EtaPipeline(str(eta_trained.target), "redis", str(city_dir),
                               redis=f"127.0.0.1:{free_port()}")
     down = asyncio.run(unreachable.predict_async(request))
     assert down["degraded"] is True and "online store unavailable" in down["fallback"]

@@ -1,12 +1,13 @@
-"""Check the chart as a cluster would: KubeRay's validation, KServe's runtime choice, and the fit.
+"""Check the chart as a cluster would: KubeRay's validation, the model slots, KServe's runtime choice, and the fit.
 
     python -m charts.checks                       # every documented cluster with its values
     python -m charts.checks --cluster kind -f my-values.yaml --set-json 'ray.worker.replicas=3'
     python -m charts.checks --chart /path/to/an/older/charts/courier
 
 Renders the chart with the real helm, prints the scheduler's arithmetic for each phase, and exits 1
-when KubeRay would refuse the RayService, KServe would pick another runtime than the one named, or
-a phase does not fit.
+when KubeRay would refuse the RayService, a model slot of its serve config would be refused (or the two
+ETA slots differ), a SQLite registry has more than one writer, KServe would pick another runtime than
+the one named, or a phase does not fit.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from charts.checks import fit, kserve, kuberay
+from charts.checks import fit, kserve, kuberay, rollout
 from charts.checks.render import CHART, RenderError, render
 
 
@@ -33,11 +34,17 @@ def check_cluster(cluster: fit.Cluster, values: list[str], sets: list[str], char
         for rule, message in kuberay.violations(rayservice):
             problems.append(f"KubeRay would refuse RayService {rayservice['metadata']['name']} ({rule.source}): {message}")
         serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+        for message in rollout.slot_violations(serve_config):
+            problems.append(f"Ray Serve would refuse the model versions of {rayservice['metadata']['name']}: {message}")
+        for where in rollout.aliased(serve_config):
+            print(f"Models: {where}, an alias each replica resolves when it starts; pin an artifact version for a "
+                  "rollout (--set serving.models.<model>.version=...)")
         low, high, advertised = fit.ray_cpu_slots(rayservice, serve_config)
         print(f"Ray CPUs: the serve config needs {low:g} at min_replicas and {high:g} at max_replicas; "
               f"the workers at minReplicas advertise {advertised:g}")
         if low > advertised:
             problems.append(f"Serve replicas need {low:g} CPUs at min_replicas, the workers advertise {advertised:g}")
+    problems += list(rollout.registry_violations(objects))
     for isvc in fit.find_kind(objects, "InferenceService"):
         fmt, protocol, named = kserve.model_spec(isvc)
         chosen = kserve.select_runtime(isvc)

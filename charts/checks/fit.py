@@ -4,12 +4,12 @@ Kubernetes places a pod only where its requests fit what the node has left, and 
 the larger of its biggest init container and the sum of its containers. The chart's pods do not all
 run at once, so the check is made per phase:
 
-* install: every long-running pod (Ray head and workers, Redis, KServe, the feature server) plus the
-  Jobs on the critical path (Feast bootstrap, training). The Ray head waits for the models in an
+* install: every long-running pod (Ray head and workers, Redis, the registry's PostgreSQL, KServe, the
+  feature server) plus the Jobs on the critical path (Feast bootstrap, training). The Ray head waits for the models in an
   init container while holding its requests, so if these do not fit together the training Job
   stays Pending and the head waits for it until the Job's deadline: a deadlock, not a slow start.
-* after install: the long-running pods plus everything that runs later (the materialize CronJob,
-  load tests, the chaos drill, the helm test pod).
+* after install: the long-running pods plus everything that runs later (the materialize and retrain
+  CronJobs, load tests, the chaos drill, the helm test pod).
 * upgrade: with the RayService's NewCluster upgrade strategy (KubeRay's default) a change to the Ray
   pods builds a second Ray cluster beside the first before traffic moves, so both must fit.
 

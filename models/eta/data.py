@@ -76,11 +76,12 @@ def isolated_store(data_dir: Path, work_dir: Path):
     return store
 
 
-def project_store():
-    """The project's feature store (feature_repo/feature_store.yaml); errors say to apply first."""
+def project_store(data_dir: Path | None = None):
+    """The project's feature store, where `make features` applied it (`<data_dir>/feast`, data_dir =
+    COURIER_DATA_DIR or data/); errors say to apply first."""
     from feature_repo.store import open_store
 
-    store = open_store()
+    store = open_store(data_dir=Path(data_dir) if data_dir is not None else None)
     try:
         store.get_feature_service(FEATURE_SERVICE)
     # feast raises several kinds here (registry file missing, service unknown)

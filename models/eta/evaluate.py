@@ -20,11 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+from models.gate import GateRules
 from models.geo import haversine_km
 
 ROAD_FACTOR = 1.3  # the heuristic's road distance per straight-line km, a common city rule of thumb
 TARGET_VS_BASELINE = 0.70  # at least 30 % below the heuristic's RMSE
 TARGET_VS_NOISE_FLOOR = 1.10  # within 10 % of the best possible RMSE
+# The gate (models/gate.py): ONNX within 1e-3 minutes (0.06 s) of PyTorch; RMSE on the candidate's
+# test window at most 2 % above the champion's on the same rows (about 0.07 min on the default city,
+# twice the run-to-run spread of reseeded training, far less than a stale model's gap)
+GATE = GateRules("eta", metric="rmse", higher_is_better=False, margin=0.02, relative=True, atol=1e-3)
 
 METRIC_KEYS = [
     "rmse",

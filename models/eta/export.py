@@ -8,10 +8,9 @@ restaurant directory at training time, serving's fallback when the online store 
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +79,6 @@ def onnx_predict(session, inputs: Mapping[str, np.ndarray], batch_size: int = 81
         for i in range(0, n, batch_size)
     ]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def new_version(onnx_path: Path, now: datetime) -> str:
-    """`eta-YYYYmmddHHMMSS-<6 hex of the ONNX bytes>`: sortable by time, unique by content."""
-    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:6]
-    return f"{MODEL_NAME}-{now.strftime('%Y%m%d%H%M%S')}-{digest}"
 
 
 def write_manifest(
@@ -157,13 +150,3 @@ def write_drift_reference(
                            {OUTPUT_NAME: predicted}, hours=hours, model=MODEL_NAME,
                            rows={"features": "training set", "predictions": "test window",
                                  "by_hour": "UTC hour of day of the order time"})
-
-
-def staging_dir(artifacts: Path) -> Path:
-    """A fresh folder under `<artifacts>/eta/` to build a version in before it is named."""
-    root = Path(artifacts) / MODEL_NAME
-    root.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S%f")
-    path = root / f".staging-{stamp}"
-    path.mkdir()
-    return path

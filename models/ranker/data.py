@@ -37,11 +37,12 @@ def load_impressions(data_dir: Path, window: SimulationWindow) -> pd.DataFrame:
     return frame
 
 
-def project_store(service: str):
-    """The project's feature store; the error says to apply the repository when `service` is unknown."""
+def project_store(service: str, data_dir: Path | None = None):
+    """The project's feature store, where `make features` applied it (`<data_dir>/feast`); the error says to
+    apply the repository when `service` is unknown."""
     from feature_repo.store import open_store
 
-    store = open_store()
+    store = open_store(data_dir=Path(data_dir) if data_dir is not None else None)
     try:
         store.get_feature_service(service)
     except Exception as exc:  # feast raises several kinds here (registry missing, service unknown)
@@ -56,7 +57,7 @@ def feature_store(data_dir: Path, store, service: str) -> Iterator:
     if store is not None:
         yield store
     elif eta_data.is_project_data(data_dir):
-        yield project_store(service)
+        yield project_store(service, data_dir)
     else:
         temporary, workdir = eta_data.temporary_store(data_dir)
         with workdir:

@@ -5,15 +5,14 @@ Artifact layout (models/artifact.py): `<artifacts>/ranker/<version>/` holds `mod
 `manifest.json`, `restaurants.parquet` (restaurant_id, lat, lon, cuisine, price_level: the
 restaurant directory at training time, for computing distance when the store is down) and
 `reference.json` (the distribution of p_order at the serving position, for drift monitoring).
-The version helpers are shared with the retrieval model.
+The ONNX export helper is shared with the retrieval model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -71,21 +70,6 @@ def onnx_predict(session, inputs: Mapping[str, np.ndarray], batch_size: int = 16
     out = [session.run([OUTPUT_NAME], {k: v[i:i + batch_size] for k, v in inputs.items()})[0]
            for i in range(0, n, batch_size)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def new_version(name: str, onnx_path: Path, now: datetime) -> str:
-    """`<name>-YYYYmmddHHMMSS-<6 hex of the ONNX bytes>`: sortable by time, unique by content."""
-    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:6]
-    return f"{name}-{now.strftime('%Y%m%d%H%M%S')}-{digest}"
-
-
-def staging_dir(artifacts: Path, name: str) -> Path:
-    """A fresh folder under `<artifacts>/<name>/` to build a version in before it is named."""
-    root = Path(artifacts) / name
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f".staging-{datetime.now(UTC).strftime('%Y%m%d%H%M%S%f')}"
-    path.mkdir()
-    return path
 
 
 def write_drift_reference(directory: Path, at_top: np.ndarray) -> Path:

@@ -1,26 +1,21 @@
-"""Train, compare class-imbalance treatments, evaluate, export and publish the feed ranker.
+"""Train, compare class-imbalance treatments, evaluate, export, gate and register the feed ranker.
 
     python -m models.ranker.train [--data-dir data] [--artifacts artifacts] [--reports reports/ranker]
-                                  [--epochs N] [--seed S]
+                                  [--epochs N] [--seed S] [--promote] [--registry URI]
 
 Steps: impressions in [start, end) of simulation.json -> point-in-time join with the
 ranker_v1 feature service -> time split (last 3 days = test, 2 days before = validation)
 -> one model per class-imbalance treatment (TREATMENTS); the simplest is kept unless another
 has a significantly lower validation logloss (paired, > 2 standard errors) -> ONNX export -> metrics and reliability plot on the test impressions (run
-through ONNX Runtime) -> artifact `<artifacts>/ranker/<version>` -> `current`.
+through ONNX Runtime) -> staged artifact -> gate -> `<artifacts>/ranker/<version>` -> registered
+(models/lifecycle.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,16 +24,25 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from models.artifact import ONNX_FILE, publish
+from models import lifecycle
+from models.artifact import ONNX_FILE, load_manifest, new_version
+from models.gate import GateRules
+from models.lifecycle import (
+    DataWindow,
+    Staged,
+    TrainResult,
+    serving_store,
+    shuffled,
+    time_window,
+    torch_settings,
+)
 from models.ranker import data as feed_data
-from models.ranker.evaluate import evaluate, fit_baseline, logloss, scores
+from models.ranker.evaluate import GATE, evaluate, fit_baseline, logloss, scores
 from models.ranker.export import (
     MODEL_NAME,
     export_onnx,
-    new_version,
     onnx_predict,
     onnx_session,
-    staging_dir,
     write_drift_reference,
     write_manifest,
     write_restaurants,
@@ -54,7 +58,12 @@ from models.ranker.features import (
     no_history_defaults,
 )
 from models.ranker.network import RankerNet
+from models.registry import Registry
 from models.sessions import examine
+
+__all__ = ["TrainConfig", "TrainResult", "Treatment", "fit", "main", "predict", "run", "score_artifact",
+           "torch_settings"]
+PARITY_ROWS = 4096  # held-out impressions the gate compares ONNX with PyTorch on
 
 
 @dataclass(frozen=True)
@@ -107,36 +116,6 @@ class TrainConfig:
     test_days: float = 3.0
     validation_days: float = 2.0
     treatments: tuple[Treatment, ...] = TREATMENTS
-
-
-@dataclass
-class TrainResult:
-    """What a run produced: where, which version, and its numbers."""
-
-    version: str
-    artifact_dir: Path
-    current: Path
-    metrics: dict
-    train_seconds: float
-    n_train: int
-    n_validation: int
-    model: RankerNet | None = None  # the kept torch module (eval mode), for parity checks
-    frames: dict = field(default_factory=dict)  # "train", "validation", "test" DataFrames
-    defaults: dict = field(default_factory=dict)
-
-
-@contextmanager
-def torch_settings(seed: int, threads: int) -> Iterator[None]:
-    """Seeded, deterministic, fixed-thread torch for one run; the process's settings come back."""
-    previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)  # reproducible sums and no oversubscription of 2 cores
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous[0])
-        torch.use_deterministic_algorithms(previous[1])
 
 
 def with_missing(frame: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
@@ -269,27 +248,46 @@ def _row_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
-def _window(frame: pd.DataFrame) -> dict[str, str]:
-    return {"start": frame["event_timestamp"].min().isoformat(), "end": frame["event_timestamp"].max().isoformat()}
-
-
 def run(data_dir: Path = Path("data"), artifacts: Path = Path("artifacts"), reports: Path = Path("reports/ranker"),
-        config: TrainConfig | None = None, store=None) -> TrainResult:
-    """The whole pipeline; `store` defaults to the project's Feast store (or a private one)."""
+        config: TrainConfig | None = None, store=None, registry: Registry | None = None,
+        window: DataWindow | None = None, promote: bool = False, shuffle_labels: bool = False,
+        online: str = "sqlite", gate: GateRules = GATE) -> TrainResult:
+    """Train, gate and register the ranker (models/lifecycle.py); raises GateRefused.
+
+    `store` defaults to the project's Feast store (or a private one); `window` to the whole
+    simulation split by days; `gate` overrides the model's gate rules (tests on a city too small for the
+    targets); `shuffle_labels` permutes the training labels (a deliberately bad model).
+    """
     config = config or TrainConfig()
-    with torch_settings(config.seed, config.threads):
-        return _run(Path(data_dir), Path(artifacts), Path(reports), config, store)
+    data_dir = Path(data_dir)
+    window = window or DataWindow(test_days=config.test_days, validation_days=config.validation_days)
+    return lifecycle.train(
+        MODEL_NAME, FEATURE_SERVICE, gate,
+        lambda stage: _build(stage, data_dir, Path(reports), config, store, window, shuffle_labels),
+        Path(artifacts), registry, serving_store(data_dir, store, online), promote, config.seed, config.threads,
+        config)
 
 
-def _run(data_dir: Path, artifacts: Path, reports: Path, config: TrainConfig, store) -> TrainResult:
-    started = time.perf_counter()
-    window = feed_data.simulation_window(data_dir)
-    impressions = feed_data.load_impressions(data_dir, window)
+def score_artifact(directory: Path, test: pd.DataFrame) -> float:
+    """Log loss of the ranker artifact in `directory` on `test` impressions at their logged positions (ONNX)."""
+    manifest = load_manifest(directory)
+    inputs = build_inputs(feed_data.model_columns(test), manifest.feature_defaults, test["position"].to_numpy())
+    return logloss(test["ordered"].to_numpy(), onnx_predict(onnx_session(Path(directory) / ONNX_FILE), inputs))
+
+
+def _build(stage: Path, data_dir: Path, reports: Path, config: TrainConfig, store, window: DataWindow,
+           shuffle_labels: bool) -> Staged:
+    simulated = feed_data.simulation_window(data_dir)
+    window = window.resolve(simulated.start, simulated.end)
+    impressions = window.select(feed_data.load_impressions(data_dir, simulated))
     join_started = time.perf_counter()
     with feed_data.feature_store(data_dir, store, FEATURE_SERVICE) as feast:
         frame = feed_data.training_frame(feast, impressions)
     join_seconds = time.perf_counter() - join_started
-    train, validation, test = feed_data.split_by_time(frame, window.end, config.test_days, config.validation_days)
+    train, validation, test = window.split(frame)
+    true_labels = train["ordered"].to_numpy()  # the popularity baselines are references: true labels
+    if shuffle_labels:
+        train = shuffled(train, "ordered", config.seed)
     print(f"point-in-time training set: {len(train)} train, {len(validation)} validation, {len(test)} test "
           f"impressions (positive rate {train['ordered'].mean():.4f}; join {join_seconds:.1f} s)")
 
@@ -299,103 +297,88 @@ def _run(data_dir: Path, artifacts: Path, reports: Path, config: TrainConfig, st
     train_rows = with_missing(train, config.missing_share, config.seed)
     x_train = build_inputs(feed_data.model_columns(train_rows), defaults, train_rows["position"].to_numpy())
     x_validation = build_inputs(columns["validation"], defaults, validation["position"].to_numpy())
-    y_train, y_validation = train["ordered"].to_numpy(), validation["ordered"].to_numpy()
+    y_validation = validation["ordered"].to_numpy()
     fit_started = time.perf_counter()
     model, treatment, comparison = compare_treatments(x_train, train_rows["ordered"].to_numpy(), x_validation,
                                                       y_validation, config)
     fit_seconds = time.perf_counter() - fit_started
 
-    stage = staging_dir(artifacts, MODEL_NAME)
-    try:
-        onnx_path = export_onnx(model, stage / ONNX_FILE)
-        created = datetime.now(UTC)
-        version = new_version(MODEL_NAME, onnx_path, created)
-        session = onnx_session(onnx_path)
-        x_test = build_inputs(columns["test"], defaults, test["position"].to_numpy())
-        predicted = onnx_predict(session, x_test)
-        at_top = onnx_predict(session, build_inputs(columns["test"], defaults))  # serving position
-        variants = {  # the test impressions as if ...
-            "cold_start": test.assign(restaurant_id=-1),  # ... no restaurant had been seen in training
-            "new_restaurant": test.assign(restaurant_id=-1, **{c: np.nan for c in RESTAURANT_STATS + PLATFORM_FEATURES}),
-            "new_user": test.assign(**{c: np.nan for c in [*USER_FEATURES, "cuisine_affinity"]}),
-        }
-        baseline = fit_baseline(train["conversion_7d"].fillna(defaults["conversion_7d"]).to_numpy(),
-                                train["position"].to_numpy(), y_train)
-        y_test = test["ordered"].to_numpy()
-        context = {"version": version, "test_window": _window(test), "validation_window": _window(validation),
-                   "training_window": _window(train), "kept_treatment": treatment.name,
-                   "n_train": len(train), "n_validation": len(validation),
-                   "position_handling": "training-only input: p = examine(position) * sigmoid(relevance), "
-                                        "examine learnt per slot (monotone, 1 at the top); metrics at the "
-                                        "logged positions, serving scores at position 1"}
-        # the baseline without its position term: conversion_7d alone, calibrated (ranking = popularity)
-        conversion = train["conversion_7d"].fillna(defaults["conversion_7d"]).to_numpy()
-        alone = fit_baseline(conversion, np.ones(len(train)), y_train)
-        alone_p = alone.predict(test["conversion_7d"].fillna(defaults["conversion_7d"]).to_numpy(), np.ones(len(test)))
-        extra = {
-            "popularity_only_auc": scores(y_test, alone_p)["auc"],
-            "popularity_only_logloss": logloss(y_test, alone_p),
-            "imbalance_comparison": comparison,
-            "kept_treatment": treatment.name,
-            # cold start: every restaurant never seen (id unknown; with / without statistics), every user new
-            **{f"{name}_{k}": v for name, frame_ in variants.items() for k, v in scores(
-                y_test, onnx_predict(session, build_inputs(feed_data.model_columns(frame_), defaults,
-                                                           test["position"].to_numpy()))).items()},
-            # the learnt position bias next to the simulator's true one (examine at slots 1..20)
-            "position_examine_learned": [round(float(v), 4) for v in
-                                         torch.exp(model.log_examine().detach())[1:].tolist()],
-            "position_examine_true": [round(float(v), 4) for v in examine(np.arange(1, MAX_POSITION + 1))],
-        }
-        metrics = evaluate(test, predicted, at_top, baseline, reports, context, extra)
-        write_drift_reference(stage, at_top)
-        restaurants = pd.read_parquet(data_dir / "offline" / "restaurants.parquet")
-        restaurants = restaurants[restaurants["event_timestamp"] <= train["event_timestamp"].max()]
-        write_restaurants(stage, restaurants, ["restaurant_id", "lat", "lon", "cuisine", "price_level"])
-        seen = np.unique(x_train["restaurant_bucket"])
-        write_manifest(stage, version, _window(train), {k: v for k, v in metrics.items()
+    onnx_path = export_onnx(model, stage / ONNX_FILE)
+    created = datetime.now(UTC)
+    version = new_version(MODEL_NAME, onnx_path, created)
+    session = onnx_session(onnx_path)
+    x_test = build_inputs(columns["test"], defaults, test["position"].to_numpy())
+    predicted = onnx_predict(session, x_test)
+    expected = predict(model, {k: v[:PARITY_ROWS] for k, v in x_test.items()})
+    at_top = onnx_predict(session, build_inputs(columns["test"], defaults))  # serving position
+    variants = {  # the test impressions as if ...
+        "cold_start": test.assign(restaurant_id=-1),  # ... no restaurant had been seen in training
+        "new_restaurant": test.assign(restaurant_id=-1, **{c: np.nan for c in RESTAURANT_STATS + PLATFORM_FEATURES}),
+        "new_user": test.assign(**{c: np.nan for c in [*USER_FEATURES, "cuisine_affinity"]}),
+    }
+    baseline = fit_baseline(train["conversion_7d"].fillna(defaults["conversion_7d"]).to_numpy(),
+                            train["position"].to_numpy(), true_labels)
+    y_test = test["ordered"].to_numpy()
+    context = {"version": version, "test_window": time_window(test), "validation_window": time_window(validation),
+               "training_window": time_window(train), "kept_treatment": treatment.name,
+               "n_train": len(train), "n_validation": len(validation), "data_window": window.to_dict(),
+               "shuffled_labels": shuffle_labels,
+               "position_handling": "training-only input: p = examine(position) * sigmoid(relevance), "
+                                    "examine learnt per slot (monotone, 1 at the top); metrics at the "
+                                    "logged positions, serving scores at position 1"}
+    # the baseline without its position term: conversion_7d alone, calibrated (ranking = popularity)
+    conversion = train["conversion_7d"].fillna(defaults["conversion_7d"]).to_numpy()
+    alone = fit_baseline(conversion, np.ones(len(train)), true_labels)
+    alone_p = alone.predict(test["conversion_7d"].fillna(defaults["conversion_7d"]).to_numpy(), np.ones(len(test)))
+    extra = {
+        "popularity_only_auc": scores(y_test, alone_p)["auc"],
+        "popularity_only_logloss": logloss(y_test, alone_p),
+        "imbalance_comparison": comparison,
+        "kept_treatment": treatment.name,
+        # cold start: every restaurant never seen (id unknown; with / without statistics), every user new
+        **{f"{name}_{k}": v for name, frame_ in variants.items() for k, v in scores(
+            y_test, onnx_predict(session, build_inputs(feed_data.model_columns(frame_), defaults,
+                                                       test["position"].to_numpy()))).items()},
+        # the learnt position bias next to the simulator's true one (examine at slots 1..20)
+        "position_examine_learned": [round(float(v), 4) for v in
+                                     torch.exp(model.log_examine().detach())[1:].tolist()],
+        "position_examine_true": [round(float(v), 4) for v in examine(np.arange(1, MAX_POSITION + 1))],
+    }
+    metrics = evaluate(test, predicted, at_top, baseline, reports, context, extra)
+    write_drift_reference(stage, at_top)
+    restaurants = pd.read_parquet(data_dir / "offline" / "restaurants.parquet")
+    restaurants = restaurants[restaurants["event_timestamp"] <= train["event_timestamp"].max()]
+    write_restaurants(stage, restaurants, ["restaurant_id", "lat", "lon", "cuisine", "price_level"])
+    seen = np.unique(x_train["restaurant_bucket"])
+    write_manifest(stage, version, time_window(train), {k: v for k, v in metrics.items()
                                                          if k != "imbalance_comparison"}, defaults, created,
-                       extra={"validation_window": _window(validation), "test_window": _window(test),
-                              "n_train": len(train), "n_validation": len(validation),
-                              "kept_treatment": treatment.name, "logit_offset": treatment.offset,
-                              "imbalance_comparison": comparison, "fit_seconds": round(fit_seconds, 1),
-                              "hidden": list(config.hidden), "id_dim": config.id_dim,
-                              "id_dropout": config.id_dropout, "restaurant_buckets_trained": len(seen),
-                              "baseline": {"intercept": baseline.intercept, "conversion": baseline.conversion,
-                                           "log_position": baseline.log_position}})
-        target = artifacts / MODEL_NAME / version
-        os.replace(stage, target)  # the version appears complete or not at all
-        current = publish(artifacts, MODEL_NAME, version)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)  # no half-written version left behind
-        raise
-    return TrainResult(version, target, current, metrics, time.perf_counter() - started, len(train), len(validation),
-                       model, {"train": train, "validation": validation, "test": test}, defaults)
+                   extra={"validation_window": time_window(validation), "test_window": time_window(test),
+                          "n_train": len(train), "n_validation": len(validation), "data_window": window.to_dict(),
+                          "kept_treatment": treatment.name, "logit_offset": treatment.offset,
+                          "imbalance_comparison": comparison, "fit_seconds": round(fit_seconds, 1),
+                          "hidden": list(config.hidden), "id_dim": config.id_dim,
+                          "id_dropout": config.id_dropout, "restaurant_buckets_trained": len(seen),
+                          "baseline": {"intercept": baseline.intercept, "conversion": baseline.conversion,
+                                       "log_position": baseline.log_position}})
+    lineage = {"data_window": window.to_dict(), "n_train": len(train), "n_validation": len(validation),
+               "n_test": len(test), "n_logged": 0, "shuffled_labels": shuffle_labels,
+               "kept_treatment": treatment.name}
+    return Staged(version, metrics, (expected, predicted[:PARITY_ROWS]),
+                  lambda directory: score_artifact(directory, test), lineage, len(train), len(validation), model,
+                  {"train": train, "validation": validation, "test": test}, defaults)
+
+
+SUMMARY_KEYS = ["auc", "logloss", "normalized_entropy", "calibration_error", "baseline_auc", "baseline_logloss",
+                "oracle_auc", "oracle_logloss", "logloss_vs_oracle", "auc_lift_vs_baseline",
+                "serving_position_spearman", "cold_start_auc", "new_restaurant_auc", "new_user_auc",
+                "kept_treatment", "targets_met"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line entry point; prints a short summary."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("COURIER_DATA_DIR", "data")),
-                        help="folder holding offline/ (the simulator's output)")
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifact root")
-    parser.add_argument("--reports", type=Path, default=Path("reports/ranker"), help="metrics.json and plots go here")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be at least 1")
-    result = run(args.data_dir, args.artifacts, args.reports, TrainConfig(epochs=args.epochs, seed=args.seed))
-    m = result.metrics
-    keys = ["auc", "logloss", "normalized_entropy", "calibration_error", "baseline_auc", "baseline_logloss",
-            "oracle_auc", "oracle_logloss", "logloss_vs_oracle", "auc_lift_vs_baseline",
-            "serving_position_spearman", "cold_start_auc", "new_restaurant_auc", "new_user_auc",
-            "kept_treatment", "targets_met"]
-    summary = {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in keys}
-    summary["imbalance"] = {r["treatment"]: round(r["validation_logloss"], 5) for r in m["imbalance_comparison"]}
-    summary.update(version=result.version, seconds=round(result.train_seconds, 1))
-    print(json.dumps(summary, indent=2))
-    print(f"published {result.current} -> {result.version}; reports in {args.reports}")
-
+    """Command line entry point; prints a JSON summary (with the imbalance treatments), or the failed gate check."""
+    lifecycle.command_line(__doc__.splitlines()[0], "reports/ranker", TrainConfig, run, SUMMARY_KEYS, argv,
+                           extra=lambda result: {"imbalance": {r["treatment"]: round(r["validation_logloss"], 5)
+                                                               for r in result.metrics["imbalance_comparison"]}})
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ the top-100 selection; `search` with the hard filters ~50 µs. That is below the
 of any approximate index, and never wrong. An ANN library (faiss, hnswlib) earns its place
 from tens of thousands of items; `search` is the seam to put one behind.
 
-    index = RestaurantIndex.load(artifact_dir)          # artifacts/retrieval/current
+    index = RestaurantIndex.load(artifact_dir)          # artifacts/retrieval/<version>
     ids, scores = index.search(user_embedding[0], user_lat, user_lon, request_time, k=100)
 """
 

@@ -1,24 +1,20 @@
-"""Train, evaluate, export and publish the two-tower retrieval model.
+"""Train, evaluate, export, gate and register the two-tower retrieval model.
 
     python -m models.retrieval.train [--data-dir data] [--artifacts artifacts] [--reports reports/retrieval]
-                                     [--epochs N] [--seed S]
+                                     [--epochs N] [--seed S] [--promote] [--registry URI]
 
 Steps: orders in [start, end) of simulation.json (order stream + feed orders) -> point-in-time
 join with retrieval_v1 -> time split (feed orders of the last 3 days = test, 2 days before =
 validation, every order before = training) -> softmax over each order's hard-filtered
 candidates -> user tower to ONNX, restaurant embeddings precomputed -> recall@K on the test
 orders (user tower run through ONNX Runtime, as served) vs popularity -> artifact
-`<artifacts>/retrieval/<version>` -> `current`.
+staged artifact -> gate -> `<artifacts>/retrieval/<version>` -> registered (models/lifecycle.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,16 +23,21 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from models.artifact import ONNX_FILE, publish
+from models import lifecycle
+from models.artifact import ONNX_FILE, load_manifest, new_version
 from models.eta.features import epoch_seconds
+from models.gate import GateRules
+from models.lifecycle import DataWindow, Staged, TrainResult, serving_store, shuffled, time_window
 from models.ranker import data as feed_data
-from models.ranker.export import new_version, onnx_session, staging_dir
+from models.ranker.export import onnx_session
 from models.ranker.features import UNKNOWN_RESTAURANT, USER_FEATURES
-from models.ranker.train import torch_settings
+from models.registry import Registry
 from models.retrieval import data as retrieval_data
 from models.retrieval.evaluate import (
+    GATE,
     RECALL_KS,
     TARGET_SHARE,
+    expected_hits,
     oracle_scores,
     plot_recall,
     recall_table,
@@ -59,7 +60,11 @@ from models.retrieval.features import (
     radius_of_city,
     user_defaults,
 )
+from models.retrieval.index import EMBEDDINGS_FILE, RESTAURANTS_FILE
 from models.retrieval.network import TwoTower
+
+__all__ = ["TrainConfig", "TrainResult", "fit", "main", "run", "score_artifact", "user_columns"]
+PARITY_ROWS = 2048  # held-out users the gate compares ONNX with PyTorch on
 
 
 @dataclass
@@ -80,21 +85,6 @@ class TrainConfig:
     threads: int = 1
     test_days: float = 3.0
     validation_days: float = 2.0
-
-
-@dataclass
-class TrainResult:
-    """What a run produced: where, which version, and its numbers."""
-
-    version: str
-    artifact_dir: Path
-    current: Path
-    metrics: dict
-    train_seconds: float
-    n_train: int
-    model: TwoTower | None = None
-    frames: dict = field(default_factory=dict)  # "train", "validation", "test", "restaurants"
-    defaults: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -180,33 +170,61 @@ def _popularity_scores(popularity: pd.DataFrame, frame: pd.DataFrame) -> np.ndar
     return np.where(which[:, None] >= 0, values[np.maximum(which, 0)], 0.0)
 
 
-def _window(frame: pd.DataFrame) -> dict[str, str]:
-    return {"start": frame["event_timestamp"].min().isoformat(), "end": frame["event_timestamp"].max().isoformat()}
-
-
 def run(data_dir: Path = Path("data"), artifacts: Path = Path("artifacts"), reports: Path = Path("reports/retrieval"),
-        config: TrainConfig | None = None, store=None) -> TrainResult:
-    """The whole pipeline; `store` defaults to the project's Feast store (or a private one)."""
+        config: TrainConfig | None = None, store=None, registry: Registry | None = None,
+        window: DataWindow | None = None, promote: bool = False, shuffle_labels: bool = False,
+        online: str = "sqlite", gate: GateRules = GATE) -> TrainResult:
+    """Train, gate and register the retrieval model (models/lifecycle.py); raises GateRefused.
+
+    `store` defaults to the project's Feast store (or a private one); `window` to the whole
+    simulation split by days; `gate` overrides the model's gate rules (tests on a city too small for the
+    targets); `shuffle_labels` permutes which restaurant each training order went to.
+    """
     config = config or TrainConfig()
-    with torch_settings(config.seed, config.threads):
-        return _run(Path(data_dir), Path(artifacts), Path(reports), config, store)
+    data_dir = Path(data_dir)
+    window = window or DataWindow(test_days=config.test_days, validation_days=config.validation_days)
+    return lifecycle.train(
+        MODEL_NAME, FEATURE_SERVICE, gate,
+        lambda stage: _build(stage, data_dir, Path(reports), config, store, window, shuffle_labels),
+        Path(artifacts), registry, serving_store(data_dir, store, online), promote, config.seed, config.threads,
+        config)
 
 
-def _run(data_dir: Path, artifacts: Path, reports: Path, config: TrainConfig, store) -> TrainResult:
-    started = time.perf_counter()
-    window = feed_data.simulation_window(data_dir)
-    orders = retrieval_data.load_orders(data_dir, window)
+def score_artifact(directory: Path, test: pd.DataFrame, k: int = 10) -> float:
+    """recall@k of the retrieval artifact in `directory` on held-out `test` orders, through its own index.
+
+    Orders of a restaurant the artifact's index does not hold count as misses: it could not retrieve them.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    restaurants = pd.read_parquet(directory / RESTAURANTS_FILE)
+    embeddings = np.load(directory / EMBEDDINGS_FILE)
+    part = _split(test, restaurants, manifest.feature_defaults)
+    if len(test) == 0:
+        raise ValueError("no held-out orders to score retrieval on")
+    scores = user_embeddings(onnx_session(directory / ONNX_FILE), {"user_dense": part.user_dense}) @ embeddings.T
+    return float(expected_hits(scores, part.mask, part.target, np.array([k]))[:, 0].sum() / len(test))
+
+
+def _build(stage: Path, data_dir: Path, reports: Path, config: TrainConfig, store, window: DataWindow,
+           shuffle_labels: bool) -> Staged:
+    simulated = feed_data.simulation_window(data_dir)
+    window = window.resolve(simulated.start, simulated.end)
+    orders = window.select(retrieval_data.load_orders(data_dir, simulated))
     with feed_data.feature_store(data_dir, store, FEATURE_SERVICE) as feast:
         orders = retrieval_data.with_user_features(feast, orders)
-    test_start = window.end - pd.Timedelta(days=config.test_days)
-    validation_start = test_start - pd.Timedelta(days=config.validation_days)
-    t, feed = orders["event_timestamp"], orders["source"] == "feed"
+    feed = orders["source"] == "feed"
+    # the cut is placed on the feed orders (the evaluated ones); the order stream before it trains too
+    validation_start, test_start = window.cut(orders.loc[feed, "event_timestamp"])
+    t = orders["event_timestamp"]
     frames = {"train": orders[t < validation_start], "validation": orders[feed & (t >= validation_start) & (t < test_start)],
               "test": orders[feed & (t >= test_start)], "test_orders": orders[~feed & (t >= test_start)]}
     for name, part in frames.items():
         if len(part) == 0:
-            raise ValueError(f"the {name} split is empty: simulate more days (`--days`) than "
-                             f"{config.test_days + config.validation_days:g} days of held-out orders")
+            raise ValueError(f"the {name} split of the window {window.to_dict()} is empty: simulate more days "
+                             "(`make data`), or widen the window (--days)")
+    if shuffle_labels:
+        frames["train"] = shuffled(frames["train"], "restaurant_id", config.seed)
     restaurants = retrieval_data.restaurant_directory(data_dir, frames["train"]["event_timestamp"].max())
     defaults = user_defaults()
     splits = {name: _split(part, restaurants, defaults) for name, part in frames.items()}
@@ -228,83 +246,68 @@ def _run(data_dir: Path, artifacts: Path, reports: Path, config: TrainConfig, st
     history = fit(model, fit_rows, splits["validation"], restaurant_inputs, config)
     fit_seconds = time.perf_counter() - fit_started
 
-    stage = staging_dir(artifacts, MODEL_NAME)
-    try:
-        onnx_path = export_user_tower(model.user, stage / ONNX_FILE)
-        with torch.no_grad():
-            embeddings = model.restaurant(torch.from_numpy(restaurant_inputs["restaurant_dense"]),
-                                          torch.from_numpy(restaurant_inputs["restaurant_bucket"])).numpy()
-        write_index(stage, restaurants, embeddings)
-        created = datetime.now(UTC)
-        version = new_version(MODEL_NAME, onnx_path, created)
-        session = onnx_session(onnx_path)
-        popularity = retrieval_data.popularity_by_day(data_dir, restaurants["restaurant_id"].to_numpy())
-        truth = retrieval_data.truth(data_dir, restaurants)
-        max_k = max(RECALL_KS)
-        metrics, curves = {}, {}
-        for name, prefix, kind in (("test", "", "feed"), ("test_orders", "orders_", "orders")):
-            part = splits[name]
-            scores = user_embeddings(session, {"user_dense": part.user_dense}) @ embeddings.T
-            curves[name] = {
-                "": recall_table(scores, part.mask, part.target, max_k),
-                "baseline_": recall_table(_popularity_scores(popularity, part.frame), part.mask, part.target, max_k),
-                "oracle_": recall_table(oracle_scores(part.frame, *truth, kind), part.mask, part.target, max_k),
-            }
-            metrics.update(summarise(curves[name], prefix))
-        # the same held-out orders as if every user were new (no history row: the defaults)
-        new_users = _split(splits["test"].frame.assign(**{c: np.nan for c in USER_FEATURES}), restaurants, defaults)
-        scores = user_embeddings(session, {"user_dense": new_users.user_dense}) @ embeddings.T
-        new_curve = recall_table(scores, new_users.mask, new_users.target, max_k)
-        metrics.update({f"new_user_recall_at_{k}": float(new_curve[k - 1]) for k in RECALL_KS})
-        metrics.update(targets(metrics))
-        metrics["mean_candidates"] = float(splits["test"].mask.sum(axis=1).mean())
-        metrics["n_test"] = len(splits["test"].target)
-        metrics["orders_n_test"] = len(splits["test_orders"].target)
-        plot_recall(reports, {"two-tower": curves["test"][""], "popularity (orders_7d)": curves["test"]["baseline_"],
-                              "oracle (true relevance)": curves["test"]["oracle_"]},
-                    f"Retrieval recall@K, held-out feed orders (mean {metrics['mean_candidates']:.0f} candidates)")
-        context = {"version": version, "test_window": _window(frames["test"]),
-                   "validation_window": _window(frames["validation"]), "training_window": _window(frames["train"]),
-                   "best_epoch": history["best_epoch"], "fit_seconds": round(fit_seconds, 1),
-                   "n_train": len(splits["train"].target),
-                   "target": f"recall_at_10 >= baseline + {TARGET_SHARE} * (oracle - baseline)"}
-        write_metrics(reports, metrics, context)
-        write_manifest(stage, version, _window(frames["train"]), metrics, defaults, created,
-                       extra={"validation_window": context["validation_window"], "test_window": context["test_window"],
-                              "n_train": context["n_train"], "best_epoch": history["best_epoch"],
-                              "best_validation_loss": history["best_validation_loss"],
-                              "fit_seconds": context["fit_seconds"], "hidden": list(config.hidden),
-                              "id_dim": config.id_dim, "id_dropout": config.id_dropout,
-                              "radius_km": radius_of_city(), "serving_k": 100})
-        target = artifacts / MODEL_NAME / version
-        os.replace(stage, target)  # the version appears complete or not at all
-        current = publish(artifacts, MODEL_NAME, version)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)  # no half-written version left behind
-        raise
-    return TrainResult(version, target, current, metrics, time.perf_counter() - started, len(splits["train"].target),
-                       model, {**{k: s.frame for k, s in splits.items()}, "restaurants": restaurants}, defaults)
+    onnx_path = export_user_tower(model.user, stage / ONNX_FILE)
+    with torch.no_grad():
+        embeddings = model.restaurant(torch.from_numpy(restaurant_inputs["restaurant_dense"]),
+                                      torch.from_numpy(restaurant_inputs["restaurant_bucket"])).numpy()
+        expected = model.user(torch.from_numpy(splits["test"].user_dense[:PARITY_ROWS])).numpy()
+    write_index(stage, restaurants, embeddings)
+    created = datetime.now(UTC)
+    version = new_version(MODEL_NAME, onnx_path, created)
+    session = onnx_session(onnx_path)
+    popularity = retrieval_data.popularity_by_day(data_dir, restaurants["restaurant_id"].to_numpy())
+    truth = retrieval_data.truth(data_dir, restaurants)
+    max_k = max(RECALL_KS)
+    metrics, curves = {}, {}
+    for name, prefix, kind in (("test", "", "feed"), ("test_orders", "orders_", "orders")):
+        part = splits[name]
+        scores = user_embeddings(session, {"user_dense": part.user_dense}) @ embeddings.T
+        curves[name] = {
+            "": recall_table(scores, part.mask, part.target, max_k),
+            "baseline_": recall_table(_popularity_scores(popularity, part.frame), part.mask, part.target, max_k),
+            "oracle_": recall_table(oracle_scores(part.frame, *truth, kind), part.mask, part.target, max_k),
+        }
+        metrics.update(summarise(curves[name], prefix))
+    # the same held-out orders as if every user were new (no history row: the defaults)
+    new_users = _split(splits["test"].frame.assign(**{c: np.nan for c in USER_FEATURES}), restaurants, defaults)
+    scores = user_embeddings(session, {"user_dense": new_users.user_dense}) @ embeddings.T
+    new_curve = recall_table(scores, new_users.mask, new_users.target, max_k)
+    metrics.update({f"new_user_recall_at_{k}": float(new_curve[k - 1]) for k in RECALL_KS})
+    metrics.update(targets(metrics))
+    metrics["mean_candidates"] = float(splits["test"].mask.sum(axis=1).mean())
+    metrics["n_test"] = len(splits["test"].target)
+    metrics["orders_n_test"] = len(splits["test_orders"].target)
+    plot_recall(reports, {"two-tower": curves["test"][""], "popularity (orders_7d)": curves["test"]["baseline_"],
+                          "oracle (true relevance)": curves["test"]["oracle_"]},
+                f"Retrieval recall@K, held-out feed orders (mean {metrics['mean_candidates']:.0f} candidates)")
+    context = {"version": version, "test_window": time_window(frames["test"]),
+               "validation_window": time_window(frames["validation"]), "training_window": time_window(frames["train"]),
+               "best_epoch": history["best_epoch"], "fit_seconds": round(fit_seconds, 1),
+               "n_train": len(splits["train"].target), "data_window": window.to_dict(),
+               "shuffled_labels": shuffle_labels,
+               "target": f"recall_at_10 >= baseline + {TARGET_SHARE} * (oracle - baseline)"}
+    write_metrics(reports, metrics, context)
+    write_manifest(stage, version, time_window(frames["train"]), metrics, defaults, created,
+                   extra={"validation_window": context["validation_window"], "test_window": context["test_window"],
+                          "n_train": context["n_train"], "best_epoch": history["best_epoch"],
+                          "data_window": window.to_dict(),
+                          "best_validation_loss": history["best_validation_loss"],
+                          "fit_seconds": context["fit_seconds"], "hidden": list(config.hidden),
+                          "id_dim": config.id_dim, "id_dropout": config.id_dropout,
+                          "radius_km": radius_of_city(), "serving_k": 100})
+    lineage = {"data_window": window.to_dict(), "n_train": len(splits["train"].target),
+               "n_validation": len(splits["validation"].target), "n_test": len(splits["test"].target),
+               "n_logged": 0, "shuffled_labels": shuffle_labels, "best_epoch": history["best_epoch"]}
+    test_frame = splits["test"].frame
+    parity = (expected, user_embeddings(session, {"user_dense": splits["test"].user_dense[:PARITY_ROWS]}))
+    return Staged(version, metrics, parity, lambda directory: score_artifact(directory, test_frame), lineage,
+                  len(splits["train"].target), len(splits["validation"].target), model,
+                  {**{k: s.frame for k, s in splits.items()}, "restaurants": restaurants}, defaults)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line entry point; prints a short summary."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("COURIER_DATA_DIR", "data")),
-                        help="folder holding offline/ (the simulator's output)")
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifact root")
-    parser.add_argument("--reports", type=Path, default=Path("reports/retrieval"),
-                        help="metrics.json and plots go here")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be at least 1")
-    result = run(args.data_dir, args.artifacts, args.reports, TrainConfig(epochs=args.epochs, seed=args.seed))
-    summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics.items()}
-    summary.update(version=result.version, seconds=round(result.train_seconds, 1))
-    print(json.dumps(summary, indent=2))
-    print(f"published {result.current} -> {result.version}; reports in {args.reports}")
-
+    """Command line entry point; prints a JSON summary, or the failed gate check (exit 1)."""
+    lifecycle.command_line(__doc__.splitlines()[0], "reports/retrieval", TrainConfig, run, None, argv)
 
 if __name__ == "__main__":
     main()

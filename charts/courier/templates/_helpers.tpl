@@ -84,23 +84,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- if hasPrefix "/" .path }}{{ .path }}{{ else }}{{ include "courier.dataDir" .ctx }}/{{ .path }}{{ end }}
 {{- end }}
 
-{{/* What the Ray head waits for, one path a line: each model's manifest and the Feast registry. */}}
-{{- define "courier.servingInputs" -}}
+{{/* What the Ray head waits for, one `model=champion` a line: the champion of every model a slot of the
+     rendered serve config serves. Not the versions themselves: those live in serveConfigV2 only, so that a
+     version change leaves the Ray pods (rayClusterConfig, which KubeRay hashes) untouched. */}}
+{{- define "courier.servedModels" -}}
 {{- $cfg := include "courier.serveConfig" . | fromYaml }}
+{{- range $model, $m := .Values.serving.models }}
 {{- range $app := $cfg.applications }}
-{{- range $key, $value := $app.args }}
-{{- if and (hasSuffix "model_dir" $key) (kindIs "string" $value) }}
-{{ $value }}/manifest.json
-{{- else if kindIs "map" $value }}
-{{- range $inner, $path := $value }}
-{{- if and (hasSuffix "model_dir" $inner) (kindIs "string" $path) }}
-{{ $path }}/manifest.json
+{{- range $dep := $app.deployments }}
+{{- if and (eq $dep.name $m.deployment) (kindIs "map" $dep.user_config) }}
+{{ $model }}=champion
 {{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
-{{- end }}
-{{ include "courier.dataDir" . }}/feast/registry.db
 {{- end }}
 
 {{- define "courier.podSecurityContext" -}}
@@ -131,6 +128,64 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "courier.redisSecretName" -}}
 {{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "courier.fullname" .)) }}
+{{- end }}
+
+{{/* The model registry ---------------------------------------------------------------------- */}}
+
+{{/* Where the registry lives: "postgresql" (the chart's), "external" (registry.uri or .existingSecret) or
+     "sqlite" (a file on the shared volume). SQLite takes one writer: refused with two. */}}
+{{- define "courier.registryBackend" -}}
+{{- $r := .Values.registry }}
+{{- if $r.postgresql.enabled }}postgresql
+{{- else if or $r.uri $r.existingSecret }}external
+{{- else }}
+{{- $writers := list }}
+{{- if .Values.train.enabled }}{{ $writers = append $writers "the training Job" }}{{ end }}
+{{- if .Values.retrain.enabled }}{{ $writers = append $writers "the retrain CronJob" }}{{ end }}
+{{- if gt (len $writers) 1 }}
+{{- fail (printf "registry: with registry.postgresql.enabled=false and no registry.uri the registry is a SQLite file on the shared volume, which takes one writer, but %s both write it: set registry.postgresql.enabled=true, or registry.uri (or registry.existingSecret) to an external MLflow backend, or retrain.enabled=false" (join " and " $writers)) }}
+{{- end }}sqlite
+{{- end }}
+{{- end }}
+
+{{- define "courier.registrySecretName" -}}
+{{- $r := .Values.registry }}
+{{- if $r.postgresql.enabled }}
+{{- $r.postgresql.existingSecret | default (printf "%s-registry" (include "courier.fullname" .)) }}
+{{- else }}
+{{- $r.existingSecret | default (printf "%s-registry" (include "courier.fullname" .)) }}
+{{- end }}
+{{- end }}
+
+{{/* host:port of the chart's PostgreSQL. */}}
+{{- define "courier.registryHost" -}}
+{{ include "courier.fullname" . }}-registry:5432
+{{- end }}
+
+{{/* The registry's environment: COURIER_REGISTRY (MLflow tracking URI) and COURIER_ARTIFACTS (the artifact root). */}}
+{{- define "courier.registryEnv" -}}
+{{- $backend := include "courier.registryBackend" . }}
+{{- $pg := .Values.registry.postgresql -}}
+- name: COURIER_ARTIFACTS
+  value: {{ include "courier.dataDir" . }}/artifacts
+{{- if eq $backend "postgresql" }}
+- name: COURIER_REGISTRY_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "courier.registrySecretName" . }}
+      key: postgres-password
+- name: COURIER_REGISTRY
+  value: "postgresql+psycopg2://{{ $pg.user }}:$(COURIER_REGISTRY_PASSWORD)@{{ include "courier.registryHost" . }}/{{ $pg.database }}"
+{{- else if eq $backend "external" }}
+- name: COURIER_REGISTRY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "courier.registrySecretName" . }}
+      key: registry-uri
+{{- else }}
+- name: COURIER_REGISTRY
+  value: "sqlite:///{{ include "courier.dataDir" . }}/artifacts/registry.db"
+{{- end }}
 {{- end }}
 
 {{/* Environment every Courier container shares: where the data is and how to reach Redis. */}}
@@ -176,8 +231,8 @@ http://{{ include "courier.fullname" . }}-serve-svc.{{ .Release.Namespace }}.svc
 {{/*
 serveConfigV2: serving/serve_config.yaml (files/serve_config.yaml links to it) with the cluster
 settings applied, then the user's overrides. Precedence: values > cluster settings > the file.
-Cluster settings: host 0.0.0.0, every relative *model_dir (top level or one level down, as in
-args.feed) and data_dir on the volume, and Redis as the online store.
+Cluster settings: host 0.0.0.0, the artifact root (args.artifacts) and data_dir on the volume, and
+Redis as the online store; then serving.models into the model slots (courier.applyModelSlots).
 */}}
 {{- define "courier.serveConfig" -}}
 {{- $raw := .Files.Get "files/serve_config.yaml" }}
@@ -194,16 +249,8 @@ args.feed) and data_dir on the volume, and Redis as the online store.
 {{- $known := list }}
 {{- range $app := $cfg.applications }}
 {{- $args := $app.args | default dict }}
-{{- range $key, $value := $args }}
-{{- if and (hasSuffix "model_dir" $key) (kindIs "string" $value) }}
-{{- $_ := set $args $key (include "courier.onVolume" (dict "ctx" $ "path" $value)) }}
-{{- else if kindIs "map" $value }}
-{{- range $inner, $path := $value }}
-{{- if and (hasSuffix "model_dir" $inner) (kindIs "string" $path) }}
-{{- $_ := set $value $inner (include "courier.onVolume" (dict "ctx" $ "path" $path)) }}
-{{- end }}
-{{- end }}
-{{- end }}
+{{- if kindIs "string" $args.artifacts }}
+{{- $_ := set $args "artifacts" (include "courier.onVolume" (dict "ctx" $ "path" $args.artifacts)) }}
 {{- end }}
 {{- $_ := set $args "online_store" "redis" }}
 {{- if hasKey $args "data_dir" }}
@@ -214,6 +261,9 @@ args.feed) and data_dir on the volume, and Redis as the online store.
 {{- range $dep := $app.deployments }}
 {{- $known = append $known $dep.name }}
 {{- with (get $.Values.serve.deployments $dep.name) }}
+{{- if hasKey . "user_config" }}
+{{- fail (printf "serve.deployments.%s.user_config: set model versions through serving.models.<model> (version, challenger, shadow, canary), the one source of every slot that serves a model" $dep.name) }}
+{{- end }}
 {{- $_ := mergeOverwrite $dep (deepCopy .) }}
 {{- end }}
 {{- end }}
@@ -223,7 +273,62 @@ args.feed) and data_dir on the volume, and Redis as the online store.
 {{- fail (printf "serve.deployments.%s: no deployment of that name in serving/serve_config.yaml (known: %s)" $name (join ", " $known)) }}
 {{- end }}
 {{- end }}
+{{- include "courier.applyModelSlots" (dict "ctx" $ "cfg" $cfg "known" $known) }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+serving.models.<model> into the serve config's user_configs, in place on .cfg: each set key (version,
+challenger, shadow, canary) replaces the one in the slot of the model's deployment; then every other
+deployment whose user_config has a slot named after the model (the Ingress's `eta`) gets a copy of that
+slot, so the two can never differ. A key the slot does not have (Retrieval serves one version) fails.
+*/}}
+{{- define "courier.applyModelSlots" -}}
+{{- $ctx := .ctx }}
+{{- range $model, $m := $ctx.Values.serving.models }}
+{{- $slot := dict }}
+{{- $found := false }}
+{{- range $app := $.cfg.applications }}
+{{- range $dep := $app.deployments }}
+{{- if eq $dep.name $m.deployment }}
+{{- $found = true }}
+{{- if not (kindIs "map" $dep.user_config) }}
+{{- fail (printf "serving.models.%s: deployment %s in serving/serve_config.yaml has no user_config slot to carry the model version" $model $dep.name) }}
+{{- end }}
+{{- $slot = $dep.user_config }}
+{{- range $key := list "version" "challenger" }}
+{{- with (get $m $key) }}
+{{- if not (hasKey $slot $key) }}
+{{- fail (printf "serving.models.%s.%s: the %s slot has no %s (it serves one version)" $model $key $dep.name $key) }}
+{{- end }}
+{{- $_ := set $slot $key (toString .) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "shadow" "canary" }}
+{{- if and (hasKey $m $key) (not (kindIs "invalid" (get $m $key))) }}
+{{- if not (hasKey $slot $key) }}
+{{- fail (printf "serving.models.%s.%s: the %s slot has no %s (it serves one version)" $model $key $dep.name $key) }}
+{{- end }}
+{{- $_ := set $slot $key (get $m $key | float64) }}
+{{- end }}
+{{- end }}
+{{- if and (or (gt (float64 ($slot.shadow | default 0)) 0.0) (gt (float64 ($slot.canary | default 0)) 0.0)) (not $slot.challenger) }}
+{{- fail (printf "serving.models.%s: shadow %v and canary %v need a challenger (serving.models.%s.challenger), or both shares at 0" $model ($slot.shadow | default 0) ($slot.canary | default 0) $model) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not $found }}
+{{- fail (printf "serving.models.%s.deployment: no deployment %s in serving/serve_config.yaml (known: %s)" $model $m.deployment (join ", " $.known)) }}
+{{- end }}
+{{- range $app := $.cfg.applications }}
+{{- range $dep := $app.deployments }}
+{{- if and (ne $dep.name $m.deployment) (kindIs "map" $dep.user_config) (kindIs "map" (get ($dep.user_config | default dict) $model)) }}
+{{- $_ := set $dep.user_config $model (deepCopy $slot) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -265,7 +370,8 @@ by an entry of serve.env with the same name; serve.env's other entries follow.
 checkov skip annotations for one workload, derived from the values that cause them, so a user
 who changes the value (pushes images by digest, picks a high uid...) loses the waiver with it.
 Each reason names the value; values.yaml explains the waiver next to that value.
-(dict "ctx" $ "images" (list $.Values.images.jobs) "extra" (list "CKV_K8S_38"))
+(dict "ctx" $ "images" (list $.Values.images.jobs) "extra" (list "CKV_K8S_38")); "registry" true for a pod
+that gets the registry's URI (COURIER_REGISTRY) from a Secret through its environment.
 */}}
 {{- define "courier.checkovWaivers" -}}
 {{- $v := .ctx.Values }}
@@ -274,6 +380,7 @@ Each reason names the value; values.yaml explains the waiver next to that value.
   "CKV_K8S_43" "images.*.digest is empty: locally built images have no registry digest until pushed"
   "CKV_K8S_40" "podSecurityContext.runAsUser is 1000, the ray user that owns the rayproject/ray Python environment"
   "CKV_K8S_35" "redis.auth.enabled: Feast takes the Redis password inside its connection string, COURIER_REDIS"
+  "CKV_K8S_35/registry" "registry: MLflow takes the backend's credentials only inside its tracking URI, COURIER_REGISTRY"
   "CKV_K8S_38" "chaos: the drill deletes serving pods through the Kubernetes API, so this pod alone mounts a token"
   "CKV_K8S_8" "tests: the helm test pod runs once to completion; probes do not apply"
   "CKV_K8S_9" "tests: the helm test pod runs once to completion; probes do not apply" }}
@@ -283,8 +390,9 @@ Each reason names the value; values.yaml explains the waiver next to that value.
 {{- if not .digest }}{{ $checks = append $checks "CKV_K8S_43" }}{{ end }}
 {{- end }}
 {{- if lt (int $v.podSecurityContext.runAsUser) 10000 }}{{ $checks = append $checks "CKV_K8S_40" }}{{ end }}
-{{- if $v.redis.auth.enabled }}{{ $checks = append $checks "CKV_K8S_35" }}{{ end }}
-{{- range $i, $id := concat (uniq $checks) (.extra | default list) }}
-checkov.io/skip{{ add1 $i }}: {{ printf "%s=%s" $id (index $reasons $id) | quote }}
+{{- if $v.redis.auth.enabled }}{{ $checks = append $checks "CKV_K8S_35" }}
+{{- else if and .registry (ne (include "courier.registryBackend" .ctx) "sqlite") }}{{ $checks = append $checks "CKV_K8S_35/registry" }}{{ end }}
+{{- range $i, $key := concat (uniq $checks) (.extra | default list) }}
+checkov.io/skip{{ add1 $i }}: {{ printf "%s=%s" (first (splitList "/" $key)) (index $reasons $key) | quote }}
 {{- end }}
 {{- end }}

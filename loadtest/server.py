@@ -64,9 +64,10 @@ class ServiceProcess:
         slots (`{"eta.version": "3"}`); the Ray dashboard gets a free port (`dashboard_url`).
         """
         port = port or free_port()
-        dashboard_port = free_port()
+        metrics_port = metrics_port or free_port(avoid={port})
+        dashboard_port = free_port(avoid={port, metrics_port})
         argv = [sys.executable, "-m", "serving.launch", "--port", str(port),
-                "--metrics-port", str(metrics_port or free_port()), "--dashboard-port", str(dashboard_port)]
+                "--metrics-port", str(metrics_port), "--dashboard-port", str(dashboard_port)]
         if config is not None:
             argv += ["--config", str(config)]
         if ray_defaults:

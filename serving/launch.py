@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Collection, MutableMapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -64,11 +64,15 @@ def isolate_haproxy(environ: MutableMapping[str, str] = os.environ) -> None:
         environ.setdefault(key, str(free_port()))
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A TCP port nothing listens on right now, and none of `avoid` (ports picked but not bound yet:
+    the kernel may hand the same free port out twice in a row, seen in CI)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def wait_until_running(app_names: list[str], timeout_s: float) -> None:
@@ -141,7 +145,7 @@ class BackgroundServer:
     def __init__(self, port: int, metrics_port: int, log: Path, extra: list[str] | None = None,
                  env: dict[str, str] | None = None, timeout_s: float = 240, dashboard_port: int | None = None):
         self.port, self.metrics_port, self.log_path = port, metrics_port, log
-        self.dashboard_port = dashboard_port or free_port()
+        self.dashboard_port = dashboard_port or free_port(avoid={port, metrics_port})
         self.extra, self.env, self.timeout_s = extra or [], env, timeout_s
         self.process: subprocess.Popen | None = None
 

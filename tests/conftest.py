@@ -85,6 +85,15 @@ def eta_artifacts(eta_trained) -> Path:
     return eta_trained.frames["root"]
 
 
+def distinct_ports(n: int) -> list[int]:
+    """n free TCP ports, all different (the kernel may hand one out twice in a row)."""
+
+    ports: list[int] = []
+    while len(ports) < n:
+        ports.append(free_port(avoid=ports))
+    return ports
+
+
 def served_artifacts(*trained) -> Path:
     """One artifact root holding every trained model's version (`<root>/<model>/<version>`).
 
@@ -155,7 +164,7 @@ def served(tmp_path_factory, city_dir, feature_store, eta_trained, retrieval_tra
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     overrides = ["--num-cpus", "2", *serve_overrides(city_dir, eta_trained, retrieval_trained, ranker_trained,
                                                      prediction_log={"stream": served_log_stream, "maxlen": 100000})]
-    with BackgroundServer(free_port(), free_port(), log, extra=overrides) as server:
+    with BackgroundServer(*distinct_ports(2), log, extra=overrides) as server:
         yield server
 
 

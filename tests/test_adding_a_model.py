@@ -205,7 +205,8 @@ def test_the_model_trains_gates_and_registers_through_the_lifecycle(prep_time):
 def server(tmp_path_factory, city_dir, prep_time):
     """serving.launch with the project's serve config, the ETA model only (no feed, no log), plus the doc's
     prep_time entry naming the alias `champion` (the launcher pins it)."""
-    from serving.launch import BackgroundServer, free_port
+    from serving.launch import BackgroundServer
+    from tests.conftest import distinct_ports
 
     root = prep_time["root"]
     config = with_documented_model(load_serve_config())
@@ -219,7 +220,7 @@ def server(tmp_path_factory, city_dir, prep_time):
     folder = tmp_path_factory.mktemp("added-model-serve")
     path = folder / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    with BackgroundServer(free_port(), free_port(), folder / "serve.log",
+    with BackgroundServer(*distinct_ports(2), folder / "serve.log",
                           extra=["--config", str(path), "--num-cpus", "2"]) as running:
         yield running
 

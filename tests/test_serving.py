@@ -16,7 +16,7 @@ from models.eta.features import build_inputs
 from models.geo import CITY, area_id
 from serving.features import OnlineFeatures
 from serving.onnx_model import OnnxModel
-from tests.conftest import free_port
+from tests.conftest import distinct_ports, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -307,7 +307,7 @@ def test_online_store_outage_degrades_instead_of_failing(tmp_path, city_dir, cit
                                                          eta_batching={"max_batch_size": 8,
                                                                        "batch_wait_timeout_s": 0.005},
                                                          prediction_log={"redis": own.address})]
-        with BackgroundServer(free_port(), free_port(), tmp_path / "serve.log", extra=overrides) as server:
+        with BackgroundServer(*distinct_ports(2), tmp_path / "serve.log", extra=overrides) as server:
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 normal = http.post("/v1/eta", json=known).json()
                 assert normal["degraded"] is False and normal["variant"] == "champion", normal

@@ -236,14 +236,14 @@ def stream() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, city_dir, feature_store, eta_trained, retrieval_trained, ranker_trained, versions,
            stream):
-    from serving.launch import BackgroundServer, free_port
-    from tests.conftest import serve_overrides
+    from serving.launch import BackgroundServer
+    from tests.conftest import distinct_ports, serve_overrides
 
     overrides = ["--num-cpus", "2", *serve_overrides(city_dir, eta_trained, retrieval_trained, ranker_trained,
                                                      artifacts=str(versions.root),
                                                      prediction_log={"stream": stream, "linger_s": 0.005})]
     log = tmp_path_factory.mktemp("variants-serve") / "serve.log"
-    with BackgroundServer(free_port(), free_port(), log, extra=overrides) as running:
+    with BackgroundServer(*distinct_ports(2), log, extra=overrides) as running:
         yield running
 
 
@@ -458,14 +458,14 @@ def test_shadow_costs_the_caller_no_latency(tmp_path, city_dir, feature_store, e
     The server shadows half of the requests (by request id, serving.variants.in_shadow), so the
     request ids choose the arm: same replicas, same moment, only the shadow differs. Printed for
     the record; asserted loosely, as two shared cores are noisy."""
-    from serving.launch import BackgroundServer, free_port
-    from tests.conftest import serve_overrides
+    from serving.launch import BackgroundServer
+    from tests.conftest import distinct_ports, serve_overrides
 
     overrides = ["--num-cpus", "2", *serve_overrides(city_dir, eta_trained, retrieval_trained, ranker_trained,
                                                      artifacts=str(versions.root), prediction_log=None,
                                                      slots={"eta": {"challenger": versions.eta2, "shadow": 0.5}})]
     took: dict[bool, list[float]] = {True: [], False: []}
-    with BackgroundServer(free_port(), free_port(), tmp_path / "serve.log", extra=overrides) as running:
+    with BackgroundServer(*distinct_ports(2), tmp_path / "serve.log", extra=overrides) as running:
         with httpx.Client(base_url=running.url, timeout=30) as http:
             for i in range(2400):
                 rid = f"lat-{i}"

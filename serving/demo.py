@@ -130,15 +130,14 @@ def live_city(base: str, seconds: float, speed: float, stream: str) -> None:
         return httpx.get(f"{base}/v2/models/{model}", timeout=10).json()["versions"][0]
 
     eta = served("eta")
-    n = value("courier_eta_outcomes_total", {"model_version": eta}) or 0
-    rmse = math.sqrt((value("courier_eta_squared_error_minutes2_total", {"model_version": eta}) or 0) / max(n, 1))
+    answered = {"model_version": eta, "variant": "champion"}  # the online metrics are per version and variant
+    n = value("courier_eta_outcomes_total", answered) or 0
+    rmse = math.sqrt((value("courier_eta_squared_error_minutes2_total", answered) or 0) / max(n, 1))
     offline = value("courier_eta_offline_rmse_minutes", {"model_version": eta}) or float("nan")
-    bias = (value("courier_eta_error_minutes_total", {"model_version": eta}) or 0) / max(n, 1)
-    ranker = served("ranker")
-    shown = sum(value("courier_feed_impressions_total", {"model_version": ranker, "position": str(p)}) or 0
-                for p in range(1, 51))
-    ordered = sum(value("courier_feed_orders_total", {"model_version": ranker, "position": str(p)}) or 0
-                  for p in range(1, 51))
+    bias = (value("courier_eta_error_minutes_total", answered) or 0) / max(n, 1)
+    ranker = {"model_version": served("ranker"), "variant": "champion"}
+    shown = sum(value("courier_feed_impressions_total", {**ranker, "position": str(p)}) or 0 for p in range(1, 51))
+    ordered = sum(value("courier_feed_orders_total", {**ranker, "position": str(p)}) or 0 for p in range(1, 51))
     ages = [value("courier_feature_view_newest_age_seconds", {"view": v}) for v in ("restaurant_load_15m",
                                                                                       "area_congestion_15m")]
     print(f"live city: {stats['orders']} orders and {stats['sessions']} feed sessions in {seconds:g} s "

@@ -25,23 +25,19 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from serving.variants import MODEL_DEPLOYMENTS, Slot, slot_holders
+
 APP = "courier"
-# Which deployments run each model, and where its slot sits in their user_config (None: the whole of it).
-SLOT_HOLDERS: dict[str, list[tuple[str, str | None]]] = {
-    "eta": [("Ingress", "eta"), ("EtaModel", None)],
-    "ranker": [("Ranker", None)],
-    "retrieval": [("Retrieval", None)],
-}
-OIP_NAME = {"eta": "eta", "ranker": "ranker", "retrieval": "user_tower"}  # /v2/models/<name>
+OIP_NAME = {"retrieval": "user_tower"}  # /v2/models/<name>, where it is not the model's own name
 HISTORY = "rollouts.jsonl"
-DEFAULT_SLOT: dict[str, Any] = {"version": "champion", "challenger": None, "shadow": 0.0, "canary": 0.0}
+DEFAULT_SLOT: dict[str, Any] = Slot().model_dump()  # the slot a deployment without a user_config serves
 
 
 class RolloutError(RuntimeError):
@@ -64,8 +60,6 @@ def _deployment(application: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _holders(config: dict[str, Any], model: str) -> list[tuple[str, str | None]]:
     """The deployments that run `model` in this config (the built-in models and every extra one)."""
-    from serving.variants import slot_holders
-
     holders = slot_holders(config)
     if model not in holders:
         raise RolloutError(f"unknown model {model!r}: one of {', '.join(holders)}")
@@ -99,11 +93,10 @@ def with_slot(config: dict[str, Any], model: str, app: str = APP, **changes: Any
     return config
 
 
-def parse_slot_sets(pairs: list[str], holders: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """`model.field=value` pairs (`eta.version=3`, `eta.shadow=0.5`) as {model: {field: value}}."""
+def parse_slot_sets(pairs: list[str], models: Collection[str]) -> dict[str, dict[str, Any]]:
+    """`model.field=value` pairs (`eta.version=3`, `eta.shadow=0.5`) of the config's `models` as {model: {field: value}}."""
     import yaml
 
-    models = holders or SLOT_HOLDERS
     changes: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -316,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="each model's slot as served")
     for name in ("rollout", "promote", "rollback"):
         command = sub.add_parser(name)
-        command.add_argument("--model", required=True, help=f"{', '.join(SLOT_HOLDERS)} or an extra model's name")
+        command.add_argument("--model", required=True, help=f"{', '.join(MODEL_DEPLOYMENTS.values())} or an extra model's name")
         if name == "rollout":
             command.add_argument("--version", help="serve this version (alias, registry number or artifact version)")
             command.add_argument("--challenger", help="the version shadow and canary send traffic to")
@@ -329,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     dashboard = Dashboard(args.dashboard)
     try:
         if args.command == "status":
-            from serving.variants import slot_holders
-
             config = dashboard.config()
             for model in slot_holders(config):
                 print(f"{model:10s} {_describe(slot_of(config, model))}")

@@ -236,6 +236,10 @@ loadtest: setup ## SLO gate: open-loop load at the target rate, then Locust user
 loadtest-ui: setup ## Locust's web UI on :8089 against LOAD_URL (default: `make serve` on PORT)
 	$(PY) -m locust -f loadtest/locustfile.py --host $(or $(LOAD_URL),http://127.0.0.1:$(PORT))
 
+.PHONY: overload
+overload: setup ## Open-loop /v1/eta at 1x, 2x, 5x the measured capacity: goodput, refusals (table for docs/benchmarks.md)
+	$(PY) -m loadtest.overload $(if $(LOAD_URL),--url $(LOAD_URL))
+
 .PHONY: chaos
 chaos: setup ## Kill replicas and the proxy, stop the online store, under load; exit 1 on failed requests
 	$(PY) -m loadtest chaos

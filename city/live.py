@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from city.customers import Customers, OutcomeLog
 from city.world import SCENARIOS, World
 from feature_repo.connection import redis_address, redis_options
+from serving.auth import client_headers
 
 if TYPE_CHECKING:  # Feast takes seconds to import: only a city that pushes loads it
     from feast import FeatureStore
@@ -146,7 +147,8 @@ class City:
         redis = redis_client(self.redis_address)
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="city-push")  # Feast writes, one at a time
-        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s, limits=limits,
+                                     headers=client_headers()) as client:  # the chart's key, if any
             self.customers = Customers(self.world, client, OutcomeLog(redis, self.outcomes_stream), self.concurrency)
             try:
                 await self._loop(redis, pool, duration_s)

@@ -29,10 +29,12 @@ from loadtest.records import CONNECTION_ERROR, Records
 from loadtest.report import summarize, write_run_report
 from loadtest.slo import SLO, check
 from loadtest.traffic import City, city_from_config, session_requests
+from serving.auth import client_headers
 
 CONFIG = load_config(os.environ.get("COURIER_LOADTEST_CONFIG") or None)
 TRAFFIC = CONFIG["traffic"]
 THINK = tuple(TRAFFIC.get("think_time_s", [2, 8]))
+AUTH = client_headers()  # COURIER_API_KEY (the chart's internal key), if set
 PAUSE = tuple(TRAFFIC.get("session_pause_s", [5, 20]))
 SCALE = float(os.environ.get("COURIER_LOCUST_TIME_SCALE", "1"))  # < 1 shortens think times (smoke tests)
 
@@ -116,7 +118,8 @@ class AppUser(FastHttpUser):
             if i:
                 gevent.sleep(random.uniform(*THINK) * SCALE)
             with self.client.request(request.method, request.path, data=request.body, name=request.endpoint,
-                                     headers={"content-type": "application/json"}, catch_response=True) as response:
+                                     headers={"content-type": "application/json", **AUTH},
+                                     catch_response=True) as response:
                 if 200 <= response.status_code < 300:
                     response.success()
                 else:

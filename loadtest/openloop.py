@@ -24,6 +24,7 @@ import numpy as np
 
 from loadtest.records import CONNECTION_ERROR, DEGRADED_MARK, TIMEOUT, Records
 from loadtest.traffic import Request
+from serving.auth import client_headers
 
 __all__ = ["CONNECTION_ERROR", "TIMEOUT", "Records", "RetryPolicy", "Stage", "arrival_times", "drive", "run"]
 
@@ -134,7 +135,8 @@ async def drive(base_url: str, times: np.ndarray, requests: Sequence[Request], *
     clock = clock or Clock()
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections, ttl_dns_cache=None,
                                      force_close=False, enable_cleanup_closed=True)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     headers=client_headers()) as session:  # COURIER_API_KEY, if set
         async def one(i: int, scheduled: float) -> None:
             request = requests[i % len(requests)]
             started = clock.now()

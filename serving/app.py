@@ -7,6 +7,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
+from serving.admission import AdmissionArgs
+from serving.auth import AuthArgs
 from serving.blending import SponsoredPolicy
 from serving.eta import EtaModel
 from serving.generic import OnnxModelDeployment
@@ -75,6 +77,11 @@ class AppArgs(BaseModel):
     feed: FeedArgs | None = Field(None, description="The feed's models and policy; null serves ETA only.")
     prediction_log: PredictionLogArgs | None = Field(None, description="Log every answered /v1/eta and /v1/feed "
                                                      "to a Redis stream (docs/monitoring.md); null: no log.")
+    auth: AuthArgs = Field(default_factory=AuthArgs, description="Bearer API keys, scopes and per-key rate "
+                           "limits at the ingress (serving/auth.py); off locally, on in the chart.")
+    admission: AdmissionArgs = Field(default_factory=AdmissionArgs, description="Per Ingress replica: requests "
+                                     "computed at once, and how many may wait and how long before the excess "
+                                     "gets a 503 with Retry-After (serving/admission.py).")
     extra_models: list[ExtraModel] = Field(default_factory=list, description="Models served from their artifact "
                                            "alone over OIP v2, each its own deployment named after it "
                                            "(serving/generic.py, docs/adding-a-model.md).")
@@ -119,4 +126,5 @@ def build_app(args: dict[str, Any]) -> Application:
     local_eta = {**where, **store} if settings.eta_in_ingress else None
     log = settings.prediction_log.model_dump() if settings.prediction_log else None
     return Ingress.bind(models, settings.max_body_bytes, feed, local_eta, log,
-                        [extra.name for extra in settings.extra_models])
+                        [extra.name for extra in settings.extra_models], auth=settings.auth.model_dump(),
+                        admission=settings.admission.model_dump())

@@ -2,11 +2,17 @@
 
 Bad input never becomes a 500: validation raises one of these with the field, the
 value and the rule, and the ingress turns it into a JSON body `{"error": ..., "field": ...}`.
+Anything else is the server's fault: `internal_error` logs it with the request id and gives
+the client a 500 carrying only that id (no traceback, no internals).
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
+
+logger = logging.getLogger("ray.serve")
 
 
 class CourierError(Exception):
@@ -62,3 +68,23 @@ class NotReady(CourierError):
     """503: the model is not loaded yet; retry with backoff."""
 
     status = 503
+
+
+def serve_request_id() -> str:
+    """The id Ray Serve gave this request (the caller's X-Request-Id when it sent one; Ray answers with it in
+    its X-Request-ID header), else a new uuid4 (outside a Serve request)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or uuid.uuid4().hex
+    except Exception:  # noqa: BLE001 (no Serve context, e.g. a unit test: still an id to search the log for)
+        return uuid.uuid4().hex
+
+
+def internal_error(exc: BaseException, method: str, path: str) -> dict[str, Any]:
+    """The 500 body for a server fault, after logging it (traceback and request id) so the id finds the line."""
+    rid = serve_request_id()
+    # %r: the path is the client's text; a decoded newline must not forge a log line
+    logger.exception("internal error, request_id=%s: %s %r: %s", rid, method, path, exc.__class__.__name__,
+                     exc_info=exc)
+    return {"error": "internal error", "request_id": rid}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -33,14 +34,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from feast import FeatureStore, OnDemandFeatureView
+from feast.errors import FeastError
+from redis.exceptions import DataError as RedisDataError
+from redis.exceptions import RedisError
 
 from models.artifact import ArtifactError
+from serving.errors import InvalidInput
 
 logger = logging.getLogger("ray.serve")
 
 
 class StoreUnavailable(RuntimeError):
     """The online store could not be read (connection refused, missing tables, timeouts...)."""
+
+
+class UnreadableEntity(InvalidInput):
+    """The store cannot look this entity key up (out of its type's range, wrong type): the request's fault.
+
+    A 422 for the caller, and never a reason to call the store down for everyone else."""
+
+
+def is_store_fault(exc: BaseException) -> bool:
+    """True for what says the store itself is unwell: no connection, no answer, no tables, no memory.
+
+    Anything else raised while reading (a key Feast cannot serialize, a value of the wrong type) is about
+    the request, and must not open the breaker that answers every other request from the fallback.
+    """
+    if isinstance(exc, (OSError, TimeoutError, FeastError)):  # ConnectionError is an OSError
+        return True
+    if isinstance(exc, RedisError) and not isinstance(exc, RedisDataError):
+        return True
+    return isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)) or type(exc) is sqlite3.DatabaseError
 
 
 @dataclass
@@ -127,8 +151,8 @@ class OnlineFeatures:
             raw = await asyncio.wait_for(asyncio.wrap_future(future), self.deadline_s)
         except TimeoutError:  # asyncio.wait_for raises the builtin on Python 3.11+
             raise self._failed(None) from None
-        except Exception as exc:  # any backend failure means the same thing to the caller
-            raise self._failed(exc) from exc
+        except Exception as exc:
+            raise self._failed_on(exc, entities) from exc
         return self._assemble(entities, raw, now)
 
     def _check(self, entities: list[dict[str, Any]]) -> bool:
@@ -190,14 +214,24 @@ class OnlineFeatures:
             return future.result(timeout=self.deadline_s)
         except FutureTimeout:
             raise self._failed(None) from None
-        except Exception as exc:  # any backend failure means the same thing to the caller
-            raise self._failed(exc) from exc
+        except Exception as exc:
+            raise self._failed_on(exc, entities) from exc
 
     def _submit(self, entities: list[dict[str, Any]]) -> Future:
         """Start the Feast read on a worker thread; raises StoreUnavailable while the store is down."""
         if time.monotonic() < self._down_until:
             raise StoreUnavailable(f"store failed less than {self.cooldown_s:g} s ago; not retried yet")
         return self._pool.submit(self._read_each_entity, entities)
+
+    def _failed_on(self, exc: Exception, entities: list[dict[str, Any]]) -> Exception:
+        """A store fault opens the breaker; a key the store cannot look up is the request's (UnreadableEntity)."""
+        if is_store_fault(exc):
+            return self._failed(exc)
+        keys = sorted(self.join_keys)
+        values = {key: [row[key] for row in entities][:3] for key in keys}
+        return UnreadableEntity(f"{', '.join(keys)}: the online store cannot look up {values} "
+                                f"({exc.__class__.__name__}: {exc})", field=",".join(keys),
+                                rule="ids must be integers the store can hold (1 .. 2**63-1)")
 
     def _failed(self, exc: Exception | None) -> StoreUnavailable:
         """Mark the store down for the cool-down; the error to raise (exc None: the deadline passed)."""

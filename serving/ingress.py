@@ -20,17 +20,21 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
+from serving import readiness
+from serving.admission import Admission, Overloaded, admitted, retry_after
+from serving.auth import Authenticator
 from serving.blending import SponsoredPolicy
-from serving.errors import CourierError, MethodNotAllowed, NotFound, PayloadTooLarge
+from serving.errors import CourierError, MethodNotAllowed, NotFound, PayloadTooLarge, internal_error
 from serving.feed import FeedComposer
 from serving.metrics import ServingMetrics
+from serving.oip import EXTENSIONS, infer_response, parse_infer
+from serving.openapi import openapi_document
 from serving.prediction_log import PredictionLog, PredictionLogArgs, request_id
 from serving.schemas import (
     EtaRequest,
     FeedRequest,
     parse_eta_request,
     parse_feed_request,
-    parse_v2_request,
 )
 from serving.variants import SHADOW, ShadowTasks, VariantError, Variants, describe, parse_slot
 
@@ -41,14 +45,16 @@ ROUTES = {
     "/v2/health/live": "GET",
     "/v2/health/ready": "GET",
     "/v2": "GET",
+    "/openapi.json": "GET",
+    "/v2/repository/index": "POST",
     "/": "GET",
 }
 
 
-def json_response(body: Any, status: int = 200) -> Response:
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """orjson-encoded response; numpy arrays are serialized natively."""
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json")
+                    media_type="application/json", headers=headers)
 
 
 @serve.deployment(name="Ingress")
@@ -57,22 +63,26 @@ class Ingress:
 
     def __init__(self, models: dict[str, DeploymentHandle], max_body_bytes: int = 65536,
                  feed: dict[str, Any] | None = None, local_eta: dict[str, Any] | None = None,
-                 prediction_log: dict[str, Any] | None = None, extra_models: list[str] | None = None):
+                 prediction_log: dict[str, Any] | None = None, extra_models: list[str] | None = None,
+                 auth: dict[str, Any] | None = None, admission: dict[str, Any] | None = None):
         """`models` maps Open Inference Protocol names to deployments ("eta", and with the feed
         "ranker" and "user_tower", plus each extra model); `feed` holds the feed's candidate count and
         sponsored policy; `local_eta` (EtaPipeline arguments) makes this replica answer /v1/eta itself;
         `prediction_log` (PredictionLogArgs) logs every answered /v1/eta and /v1/feed (and extra models'
-        answers); `extra_models` names the models served by serving/generic.py (variants on /v2 infer)."""
+        answers); `extra_models` names the models served by serving/generic.py (variants on /v2 infer);
+        `admission` (serving.admission.AdmissionArgs) bounds the work and the queue of this replica."""
         self.models = models
         self.extra_models = frozenset(extra_models or ())
         self.max_body_bytes = max_body_bytes
         self.specs: dict[str, list[dict[str, Any]]] = {}  # input specs, fetched once per model version
         self.spec_versions: dict[str, str] = {}
         self.metrics = ServingMetrics()
+        self.admission = Admission(admission, self.metrics)  # per-replica limits (AdmissionArgs)
         self.log = None
         if prediction_log is not None:
             self.log = PredictionLog(PredictionLogArgs.model_validate(prediction_log), self.metrics)
         self.shadows = ShadowTasks(self.metrics)
+        self.auth = Authenticator.from_config(auth)  # `args.auth` (serving/auth.py); off when None
         self.eta: Variants | None = None  # /v1/eta's versions when this replica answers it (user_config.eta)
         if local_eta is not None:
             local = dict(local_eta)
@@ -113,18 +123,37 @@ class Ingress:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
-        endpoint = path.split("/")[2] if path.startswith("/v2/models/") else path
+        endpoint = self._endpoint(path)
         try:
+            # 401/403/429 before admission: a caller without a valid key never takes a slot or a queue place.
+            self.auth.check(path, request.headers.get("authorization"))
+            if admitted(path):  # only computing routes take a slot (serving/admission.py): probes never wait
+                async with self.admission.slot(endpoint):
+                    return await self._route(request, path)
             return await self._route(request, path)
+        except Overloaded as exc:  # refused at once, never queued behind the replica's work
+            return exc.response()
         except CourierError as exc:
             self.metrics.rejected.inc(tags={"endpoint": endpoint, "status": str(exc.status)})
-            return json_response(exc.body(), exc.status)
+            # Auth's refusals carry headers (WWW-Authenticate, Retry-After).
+            return json_response(exc.body(), exc.status, getattr(exc, "headers", None))
         except (BackPressureError, DeploymentUnavailableError, RayActorError, ActorUnavailableError) as exc:
             # Full queues, or a model replica that died under this request: every route is a pure
             # read, so the client's retry (to a live replica) is safe.
             self.metrics.rejected.inc(tags={"endpoint": endpoint, "status": "503"})
             return json_response({"error": f"overloaded or restarting, retry with backoff: {exc.__class__.__name__}"},
-                                 503)
+                                 503, retry_after(self.admission.args.retry_after_s))
+        except Exception as exc:  # noqa: BLE001 (a server fault, never the input's: a 500 with the request id, logged)
+            self.metrics.rejected.inc(tags={"endpoint": endpoint, "status": "500"})
+            return json_response(internal_error(exc, request.method, path), 500)
+
+    def _endpoint(self, path: str) -> str:
+        """The metrics label of a path: a route or a served model, else `other` (a scanner's random paths
+        must not each become a time series)."""
+        if path.startswith("/v2/models/"):
+            name = path.split("/")[3]
+            return name if name in self.models else "other"
+        return path if path in ROUTES else "other"
 
     async def _route(self, request: Request, path: str) -> Response:
         method = request.method
@@ -143,11 +172,17 @@ class Ingress:
         if path == "/v2/health/ready":
             ready = await self._all_ready()
             return json_response({"ready": ready}, 200 if ready else 503)
+        if path == "/openapi.json":
+            return json_response(openapi_document(feed=self.feed is not None, models=tuple(self.models)))
         if path == "/v2":
-            return json_response({"name": "courier", "version": "0.1.0", "extensions": []})
+            return json_response({"name": "courier", "version": "0.1.0", "extensions": EXTENSIONS})
+        if path == "/v2/repository/index":
+            return json_response(await self._repository_index())
         return json_response({"service": "courier", "endpoints": [
             "POST /v1/eta", *(["POST /v1/feed"] if self.feed else []), "GET /v2/health/live", "GET /v2/health/ready",
-            *[f"GET /v2/models/{m}" for m in self.models], *[f"POST /v2/models/{m}/infer" for m in self.models]]})
+            *[f"GET /v2/models/{m}" for m in self.models], *[f"POST /v2/models/{m}/infer" for m in self.models],
+            "GET /v2/models/{name}/versions/{version}[/ready]", "POST /v2/models/{name}/versions/{version}/infer",
+            "POST /v2/repository/index", "GET /openapi.json"]})
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -221,66 +256,76 @@ class Ingress:
         return scored["model_version"]
 
     async def _v2_model_route(self, request: Request, path: str) -> Response:
-        parts = path.split("/")  # ["", "v2", "models", name, (action)]
-        name = parts[3]
-        action = "/".join(parts[4:])
+        parts = path.split("/")  # ["", "v2", "models", name, ("versions", version), (action)]
+        name, rest = parts[3], parts[4:]
         if name not in self.models:
             raise NotFound(f"model {name!r} is not served here; models: {sorted(self.models)}", field="model_name")
+        version = None
+        if rest[:1] == ["versions"] and len(rest) >= 2:
+            version, rest = rest[1], rest[2:]
+            await self._check_version(name, version)
+        action = "/".join(rest)
         if action == "" and request.method == "GET":
+            if version is not None:
+                return json_response({**await self.models[name].version_metadata.remote(version), "name": name})
             return json_response(await self._metadata(name))
         if action == "ready" and request.method == "GET":
             ready = await self._ready(name)
             return json_response({"name": name, "ready": ready}, 200 if ready else 503)
         if action == "infer" and request.method == "POST":
-            return await self._infer(request, name)
+            return await self._infer(request, name, version)
         if action in ("", "ready", "infer"):
             raise MethodNotAllowed(f"{path} does not take {request.method}")
         raise NotFound(f"no route {path}; see GET / for the endpoints")
 
-    async def _infer(self, request: Request, name: str) -> Response:
+    async def _check_version(self, name: str, version: str) -> None:
+        """404 naming the served versions when `version` is not one of them."""
+        served = (await self._metadata(name))["versions"]
+        if version not in served:
+            raise NotFound(f"model {name!r} has no served version {version!r}; served versions: {served}",
+                           field="model_version", rule=f"one of {served}")
+
+    async def _infer(self, request: Request, name: str, version: str | None = None) -> Response:
         if name in self.extra_models:
-            return await self._infer_extra(request, name)
+            return await self._infer_extra(request, name, version)
         with self.metrics.stage("v2_infer", "total"):
             specs = await self._specs(name)
-            request_id, tensors = parse_v2_request(await self._body(request), specs)
-            outputs, version = await self.models[name].infer_versioned.remote(tensors)
+            call = parse_infer(await self._body(request), request.headers, specs)
+            if version is None:
+                outputs, version = await self.models[name].infer_versioned.remote(call.tensors)
+            else:
+                outputs = (await self.models[name].infer_pinned.remote(call.tensors, version))["outputs"]
         if self.spec_versions.get(name) != version:  # a rollout may change the inputs: fetch them again next time
             self.specs.pop(name, None)
-        body = {
-            "model_name": name,
-            "model_version": version,
-            "outputs": [{"name": key, "datatype": _datatype(array), "shape": list(array.shape),
-                         "data": array.reshape(-1)} for key, array in outputs.items()],
-        }
-        if request_id is not None:
-            body["id"] = request_id
-        return json_response(body)
+        head = {"model_name": name, "model_version": version, **({"id": call.id} if call.id is not None else {})}
+        return infer_response(head, outputs, call)
 
-    async def _infer_extra(self, request: Request, name: str) -> Response:
+    async def _infer_extra(self, request: Request, name: str, version: str | None = None) -> Response:
         """OIP infer of an extra model (serving/generic.py): the champion, or the challenger for a canary share
         of callers (sticky by `parameters.user_id`, else the request's `id`, else per request); a shadow share
-        is also answered by the challenger after the response, logged and never returned."""
+        is also answered by the challenger after the response, logged and never returned. A version in the
+        path answers itself, with no canary draw and no shadow."""
         with self.metrics.stage("v2_infer", "total"):
             rid = request_id(request.headers.get("x-request-id"))
-            body = await self._body(request)
             specs = await self._specs(name)
-            oip_id, tensors = parse_v2_request(body, specs)
-            key = _canary_key(body) or oip_id or rid
-            answer = await self.models[name].infer_variant.remote(tensors, key, rid)
+            call = parse_infer(await self._body(request), request.headers, specs)
+            if version is None:
+                key = _canary_key(call.parameters) or call.id or rid
+                answer = await self.models[name].infer_variant.remote(call.tensors, key, rid)
+            else:
+                answer = {**await self.models[name].infer_pinned.remote(call.tensors, version), "shadow": False}
         version, variant = answer["model_version"], answer["variant"]
         if self.spec_versions.get(name) != version:
             self.specs.pop(name, None)
+        head = {"model_name": name, "model_version": version, **({"id": call.id} if call.id is not None else {}),
+                "parameters": {"variant": variant, "request_id": rid}}
+        response = infer_response(head, answer["outputs"], call)  # before logging: it refuses unknown outputs
         if self.log is not None:
             self.log.append("v2", _v2_record(rid, name, version, variant, answer["outputs"]))
         if answer["shadow"]:
-            model = self.models[name]
+            model, tensors = self.models[name], call.tensors
             self.shadows.start(name, "unknown", lambda: self._shadow_extra(rid, name, model.shadow_infer.remote(tensors)))
-        out = {"model_name": name, "model_version": version, "parameters": {"variant": variant, "request_id": rid},
-               "outputs": [{"name": key, "datatype": _datatype(array), "shape": list(array.shape),
-                            "data": array.reshape(-1)} for key, array in answer["outputs"].items()]}
-        if oip_id is not None:
-            out["id"] = oip_id
-        return json_response(out)
+        return response
 
     async def _shadow_extra(self, rid: str, name: str, answering: Awaitable[dict[str, Any]]) -> str:
         """The challenger's outputs for an extra model's request, logged as a `shadow` record (never returned)."""
@@ -301,19 +346,26 @@ class Ingress:
             self.spec_versions[name] = metadata["versions"][0]
         return self.specs[name]
 
+    async def _repository_index(self) -> list[dict[str, Any]]:
+        """`POST /v2/repository/index`: every model and served version, READY or UNAVAILABLE with the reason."""
+        index: list[dict[str, Any]] = []
+        for name in sorted(self.models):
+            try:
+                versions = (await self._metadata(name))["versions"]
+            except Exception as exc:  # an unreachable model is an entry of the index, not an error of it
+                logger.warning("model %s is unavailable for the repository index", name, exc_info=True)
+                index.append({"name": name, "state": "UNAVAILABLE", "reason": f"{exc.__class__.__name__}: {exc}"[:200]})
+                continue
+            index.extend({"name": name, "version": version, "state": "READY"} for version in versions)
+        return index
+
     async def _ready(self, name: str) -> bool:
-        try:
-            await self._metadata(name)
-            return True
-        except Exception:  # not ready is an answer here, not an error
-            logger.warning("model %s is not ready", name, exc_info=True)
-            return False
+        """The model's deployment answers this replica within a bounded wait (serving/readiness.py)."""
+        return await readiness.not_ready_reason(name, lambda: self._metadata(name)) is None
 
     async def _all_ready(self) -> bool:
-        for name in self.models:
-            if not await self._ready(name):
-                return False
-        return True
+        """Every model's deployment answers, all asked at once: the probe takes at most one bounded wait."""
+        return not await readiness.not_ready(self.models, self._metadata)
 
 
 def _eta_record(rid: str, request: EtaRequest, answer: dict[str, Any], inputs: dict[str, float] | None,
@@ -344,13 +396,9 @@ def _feed_record(rid: str, request: FeedRequest, body: dict[str, Any]) -> dict:
                       for position, c in enumerate(body["cards"], start=1)]}
 
 
-def _canary_key(body: bytes) -> str | None:
+def _canary_key(parameters: dict[str, Any]) -> str | None:
     """`parameters.user_id` of an OIP request, the sticky key of an extra model's canary (None without it)."""
-    try:
-        parameters = orjson.loads(body).get("parameters") or {}
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    user = parameters.get("user_id") if isinstance(parameters, dict) else None
+    user = parameters.get("user_id")
     return None if user is None or isinstance(user, bool) else str(user)
 
 
@@ -363,9 +411,3 @@ def _v2_record(rid: str, name: str, version: str, variant: str, outputs: dict[st
 
 def _plain(array: Any) -> Any:
     return array.tolist() if hasattr(array, "tolist") else array
-
-
-def _datatype(array: Any) -> str:
-    kind = str(array.dtype)
-    return {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32"}.get(kind, kind.upper())
-

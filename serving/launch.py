@@ -8,6 +8,12 @@ Prometheus port and Courier's Ray process settings (serving/ray_env.yaml), and i
 Ray process it started when it exits. Registry aliases in the models' slots (`champion`) are
 pinned to artifact versions once, here, so every replica serves exactly the same version; the
 Ray dashboard (on 127.0.0.1 only) takes the in-place changes of `serving.rollout`.
+
+It starts a Ray of its own, whatever cluster Ray's address file names (`--address` or RAY_ADDRESS
+join one instead). Ctrl-C (SIGINT or SIGTERM) lets in-flight requests finish and stops in a few
+seconds; a second Ctrl-C stops at once. A reaper process (serving/reaper.py) kills whatever the
+launcher started if the launcher itself dies without cleaning up (SIGKILL), so no HAProxy or Ray
+process keeps the serving or metrics port.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import yaml
 from serving.config import SERVE_CONFIG, apply_ray_env, load_serve_config, validate, with_overrides
 from serving.paths import PROJECT_ROOT
 from serving.rollout import RolloutError, parse_slot_sets, with_slot
+from serving.shutdown import drain_front_door, exit_now, stop_serve, stop_timeout_s
 
 READY_LINE = "COURIER READY"
+LOCAL = "local"  # ray.init address: start a Ray of our own
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -75,19 +83,22 @@ def free_port(avoid: Collection[int] = ()) -> int:
             return port
 
 
-def wait_until_running(app_names: list[str], timeout_s: float) -> None:
-    """Block until every application is RUNNING; fail with the controller's message otherwise."""
+def wait_until_running(app_names: list[str], timeout_s: float, stop: threading.Event | None = None) -> bool:
+    """Block until every application is RUNNING (True) or `stop` is set (False); fail with the controller's
+    message otherwise."""
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            return False
         apps = serve.status().applications
         states = {name: apps[name].status if name in apps else "NOT_STARTED" for name in app_names}
         failed = {n: apps[n].message for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
         if failed:
             raise RuntimeError(f"deployment failed: {failed}")
         if all(state == "RUNNING" for state in states.values()):
-            return
+            return True
         time.sleep(0.5)
     raise TimeoutError(f"applications not RUNNING after {timeout_s:.0f} s: {states}")
 
@@ -103,36 +114,65 @@ def pin_models(config: dict[str, Any], app: str = "courier") -> dict[str, Any]:
     return pin(config, Registry(args.get("registry"), artifacts))
 
 
+def ray_address(flag: str | None, environ: MutableMapping[str, str] = os.environ) -> str:
+    """The Ray cluster to serve on: `--address`, else RAY_ADDRESS, else "local" (a Ray of our own).
+
+    Never ray.init()'s default: that joins the cluster named in Ray's address file, which any
+    earlier `ray start --head` on this machine leaves behind, and hangs when that cluster is gone
+    ("Failed to get cluster ID from GCS server")."""
+    return flag or environ.get("RAY_ADDRESS") or LOCAL
+
+
 def run(config: dict[str, Any], metrics_port: int, num_cpus: int | None, timeout_s: float,
-        dashboard_port: int = 8265) -> None:
-    """Start Ray and Serve, deploy the config, print READY, and serve until a signal arrives."""
+        dashboard_port: int = 8265, address: str = LOCAL) -> None:
+    """Start Ray (our own, unless `address` names a cluster to join) and Serve, deploy the config, print READY,
+    and serve until SIGINT/SIGTERM; then drain Serve (a second signal skips the drain) and stop Ray."""
     import ray
-    from ray import serve
     from ray.serve._private import api as serve_api  # the same calls `serve run` makes
 
     schema = validate(config)
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        if stop.is_set():  # the second Ctrl-C: stop now, in-flight requests or not
+            raise KeyboardInterrupt
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    # The dashboard takes REST deploys (serving.rollout, like KubeRay); it runs jobs too, so loopback only.
-    ray.init(namespace="serve", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             num_cpus=num_cpus, _metrics_export_port=metrics_port, log_to_driver=True)
+        signal.signal(sig, on_signal)
+    if address == LOCAL:
+        # The dashboard takes REST deploys (serving.rollout, like KubeRay); it runs jobs too, so loopback only.
+        ray.init(address=LOCAL, namespace="serve", include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=dashboard_port, num_cpus=num_cpus, _metrics_export_port=metrics_port,
+                 log_to_driver=True)
+    else:  # a cluster someone else runs: its own dashboard, metrics and CPUs
+        ray.init(address=address, namespace="serve", log_to_driver=True)
     try:
         client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                        proxy_location=schema.proxy_location)
         client.deploy_apps(schema, _blocking=False)
-        wait_until_running([app.name for app in schema.applications], timeout_s)
-        http = schema.http_options
-        print(f"{READY_LINE} http://{http.host}:{http.port} metrics http://127.0.0.1:{metrics_port}/metrics "
-              f"dashboard http://127.0.0.1:{dashboard_port}", flush=True)
+        if wait_until_running([app.name for app in schema.applications], timeout_s, stop):
+            http = schema.http_options
+            where = (f"metrics http://127.0.0.1:{metrics_port}/metrics dashboard http://127.0.0.1:{dashboard_port}"
+                     if address == LOCAL else f"on the Ray cluster at {address}")
+            print(f"{READY_LINE} http://{http.host}:{http.port} {where}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
-        print("stopping Ray Serve ...", flush=True)
+        started = time.monotonic()
+        limit = stop_timeout_s(schema)
+        print(f"stopping Ray Serve (in-flight requests finish; at most {limit:.0f} s, Ctrl-C again to skip) ...",
+              flush=True)
         try:
-            serve.shutdown()
+            if address == LOCAL:
+                left = drain_front_door(schema.http_options.request_timeout_s or limit)
+                print(f"HTTP drained in {time.monotonic() - started:.1f} s"
+                      f"{f' ({left} HAProxy still relaying: cut)' if left else ''}", flush=True)
+            stop_serve(limit)
+            print(f"Serve drained in {time.monotonic() - started:.1f} s", flush=True)
         finally:
             ray.shutdown()
+            print(f"stopped in {time.monotonic() - started:.1f} s", flush=True)
 
 
 class BackgroundServer:
@@ -207,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     parser.add_argument("--ray-defaults", action="store_true",
                         help="leave out serving/ray_env.yaml: Ray's own defaults (benchmark variant (a))")
+    parser.add_argument("--address", default=None,
+                        help="join this Ray cluster (host:port) instead of starting one (default: RAY_ADDRESS, "
+                             "else a Ray of our own, whatever cluster Ray's address file names)")
     args = parser.parse_args(argv)
     config = with_overrides(load_serve_config(args.config), port=args.port, args=parse_sets(args.set))
     try:
@@ -225,11 +268,20 @@ def main(argv: list[str] | None = None) -> None:
     ray_env = {} if args.ray_defaults else apply_ray_env()
     isolate_haproxy()
     print(f"Ray settings (serving/ray_env.yaml): {ray_env or 'none, Ray defaults'}", flush=True)
+    address = ray_address(args.address)
+    if address == LOCAL:
+        from serving import reaper
+
+        reaper.start()  # whatever ends this process, nothing it started keeps the ports
     try:
-        run(config, args.metrics_port, args.num_cpus, args.timeout, args.dashboard_port)
+        run(config, args.metrics_port, args.num_cpus, args.timeout, args.dashboard_port, address)
     except (RuntimeError, TimeoutError) as exc:
         print(f"serving failed to start: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        exit_now(1)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping: Ray is already shut down
+        exit_now(130)
+    exit_now(0)
+
 
 
 if __name__ == "__main__":

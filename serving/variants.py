@@ -41,6 +41,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.artifact import MANIFEST
+from serving.errors import NotFound
 from serving.paths import resolve
 
 logger = logging.getLogger("ray.serve")
@@ -499,6 +500,23 @@ class VersionedDeployment:
     def metadata(self) -> dict[str, Any]:
         """Open Inference Protocol metadata of the champion; `versions` lists every served version."""
         return served_metadata(self.variants.served)
+
+    def infer_pinned(self, tensors: dict[str, Any], version: str) -> dict[str, Any]:
+        """`/v2/models/{m}/versions/{v}/infer`: outputs of that served version, with its `variant`."""
+        variant, pipeline = self._pinned(version)
+        return {"outputs": pipeline.infer(tensors), "model_version": version, "variant": variant}
+
+    def version_metadata(self, version: str) -> dict[str, Any]:
+        """`GET /v2/models/{m}/versions/{v}`: that served version's own metadata."""
+        return self._pinned(version)[1].metadata()
+
+    def _pinned(self, version: str) -> tuple[str, Any]:
+        served = self.variants.served
+        for variant, pipeline in ((CHAMPION, served.champion), (CHALLENGER, served.challenger)):
+            if pipeline is not None and served.version_of(variant) == version:
+                return variant, pipeline
+        raise NotFound(f"{served.model} version {version!r} is not served; served versions: {served.versions}",
+                       field="model_version", rule=f"one of {served.versions}")
 
     def input_specs(self) -> list[dict[str, Any]]:
         """The champion's input specs (names, datatypes, shapes, ranges)."""

@@ -90,8 +90,8 @@ def admits(policy: dict, pod_labels: dict, port: int, peer_labels: dict | None, 
     if not all(pod_labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()):
         return False
     for expression in selector.get("matchExpressions", []):
-        assert expression["operator"] == "In", f"admits() reads only In expressions, not {expression}"
-        if pod_labels.get(expression["key"]) not in expression["values"]:
+        assert expression["operator"] in ("In", "NotIn"), f"admits() reads In and NotIn only, not {expression}"
+        if (pod_labels.get(expression["key"]) in expression["values"]) != (expression["operator"] == "In"):
             return False
     for rule in policy["spec"]["ingress"]:
         if "ports" in rule and port not in [p["port"] for p in rule["ports"]]:

@@ -138,7 +138,9 @@ def _repository_config_with_cluster_settings() -> dict:
 
     config = load_serve_config()
     file_args = config["applications"][0]["args"]
-    args = {"online_store": "redis"}
+    args = {"online_store": "redis",  # and API keys on, their digests from the chart's Secret (templates/auth.yaml)
+            "auth": {**file_args.get("auth", {}), "enabled": True, "keys_env": "COURIER_API_KEYS",
+                     "rate_per_s": 50, "burst": 100}}
     if "artifacts" in file_args:
         args["artifacts"] = "/data/artifacts"
     if "data_dir" in file_args:
@@ -201,12 +203,13 @@ def test_defaults_deploy_the_platform(render):
     only(objects, "StatefulSet", "redis")
     only(objects, "StatefulSet", "registry")
     only(objects, "CronJob", "retrain")
-    assert only(objects, "Secret")["metadata"]["name"] == "courier-registry"
+    assert sorted(o["metadata"]["name"] for o in find(objects, "Secret")) == [
+        "courier-api-keys", "courier-redis", "courier-registry"]  # API keys and Redis's password: on by default
     only(objects, "PersistentVolumeClaim", "data")
     only(objects, "Job", "feast-bootstrap")
     only(objects, "CronJob", "feast-materialize")
     only(objects, "Job", "train")
-    assert len(find(objects, "NetworkPolicy")) == 2
+    assert len(find(objects, "NetworkPolicy")) == 3
     only(objects, "PodDisruptionBudget", "serving")
     assert only(objects, "Pod", "helm-test")["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert sorted(o["metadata"]["name"] for o in find(objects, "Deployment")) == ["courier-city", "courier-monitor"]
@@ -216,9 +219,11 @@ def test_defaults_deploy_the_platform(render):
 
 
 def test_minimal_turns_every_optional_object_off(render):
-    """With every toggle off only the RayService, Redis, volume and service account remain."""
-    assert kinds(render("minimal")) == ["PersistentVolumeClaim", "RayService", "Service", "ServiceAccount",
-                                        "StatefulSet"]
+    """With every toggle off only the RayService, Redis, volume and service account remain, and the Secrets of
+    the API keys and Redis's password (security stays on: auth.enabled and redis.auth.enabled are not toggles
+    of optional objects)."""
+    assert kinds(render("minimal")) == ["PersistentVolumeClaim", "RayService", "Secret", "Secret", "Service",
+                                        "ServiceAccount", "StatefulSet"]
     head = only(render("minimal"), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     assert "initContainers" not in head and head["automountServiceAccountToken"] is False
 
@@ -352,13 +357,108 @@ def test_redis_auth_puts_the_password_in_the_connection_string(render):
     assert options["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == "courier-redis"
 
 
+def _secret_ref(container: dict, name: str) -> dict | None:
+    entry = next((e for e in container.get("env", []) if e["name"] == name), None)
+    return entry and entry["valueFrom"]["secretKeyRef"]
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "everything", "cluster-profile", "loadtest"])
+def test_api_keys_are_on_by_default_and_every_client_carries_its_own(render, scenario):
+    """auth.enabled by default: a Secret with one random key per client and the server's list of their digests
+    (never the keys) that serveConfigV2 tells the Ingress to read from COURIER_API_KEYS; the city gets the public
+    key, the load tests, the chaos drill and the helm test the internal one (they call /v2)."""
+    import base64
+    import hashlib
+
+    from serving.auth import AuthArgs, load_keys
+
+    objects = render(scenario)
+    secret = only(objects, "Secret", "auth")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    listed = json.loads(data["api-keys.json"])
+    keys = load_keys(AuthArgs(enabled=True), {"COURIER_API_KEYS": data["api-keys.json"]})
+    assert {(k.name, tuple(k.scopes)) for k in keys} == {("public", ("public",)), ("internal", ("public", "internal"))}
+    for key in keys:
+        raw = data[f"{key.name}-key"]
+        assert len(raw) >= 40 and key.sha256 == hashlib.sha256(raw.encode()).hexdigest()
+        assert raw not in data["api-keys.json"]
+    assert next(k for k in listed if k["name"] == "internal")["rate_per_s"] == 0  # load tests are not throttled
+    assert _serve_config(objects)["applications"][0]["args"]["auth"] == {
+        "enabled": True, "keys_file": None, "keys_env": "COURIER_API_KEYS", "rate_per_s": 50, "burst": 100}
+    wanted = {"city": "public-key", "locust-master": "internal-key", "locust-worker": "internal-key",
+              "loadtest": "internal-key", "chaos": "internal-key", "smoke-test": "internal-key"}
+    seen = set()
+    for obj in objects:
+        for where, _, spec in pod_specs(obj):
+            for container in spec["containers"]:
+                if obj["kind"] == "RayService":
+                    assert _secret_ref(container, "COURIER_API_KEYS") == {"name": "courier-api-keys",
+                                                                         "key": "api-keys.json"}, where
+                    assert _secret_ref(container, "COURIER_API_KEY") is None  # the server holds no key
+                elif container.get("name") in wanted:
+                    seen.add(container["name"])
+                    assert _secret_ref(container, "COURIER_API_KEY") == {"name": "courier-api-keys",
+                                                                        "key": wanted[container["name"]]}, where
+                else:
+                    assert _secret_ref(container, "COURIER_API_KEY") is None, where
+    assert "city" in seen and (scenario != "everything" or {"chaos", "smoke-test", "loadtest"} <= seen)
+    assert scenario != "loadtest" or {"locust-master", "locust-worker"} <= seen
+
+
+def test_api_keys_off_or_from_an_existing_secret(render, render_error):
+    """auth.enabled=false: no Secret, no key anywhere, the Ingress admits everyone; auth.existingSecret: the
+    chart creates none and every reference names the given one; a chart client without its key fails the render."""
+    objects = render("everything", "auth.enabled=false")
+    assert not find(objects, "Secret", "auth")
+    assert _serve_config(objects)["applications"][0]["args"]["auth"]["enabled"] is False
+    names = {e["name"] for obj in objects for _, _, spec in pod_specs(obj) for c in containers(spec)
+             for e in c.get("env", [])}
+    assert not names & {"COURIER_API_KEY", "COURIER_API_KEYS"}
+    objects = render("everything", 'auth.existingSecret="my-keys"')
+    assert not find(objects, "Secret", "auth")
+    refs = {_secret_ref(c, name)["name"] for obj in objects for _, _, spec in pod_specs(obj) for c in spec["containers"]
+            for name in ("COURIER_API_KEY", "COURIER_API_KEYS") if _secret_ref(c, name)}
+    assert refs == {"my-keys"}
+    error = render_error("everything", "auth.clients.internal=null")
+    assert "auth.clients.internal" in error
+    assert "scopes" in render_error("defaults", 'auth.clients={"public": {"scopes": ["admin"]}}')
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "everything", "cluster-profile"])
+def test_redis_has_a_password_by_default_and_every_client_carries_it(render, scenario):
+    """On by default: Redis requires the Secret's password, and every container told where Redis is (serving,
+    Feast's jobs and feature server, training, the city, the monitor, the load tests) gets it in COURIER_REDIS."""
+    objects = render(scenario)
+    secret = only(objects, "Secret", "redis")
+    assert secret["data"]["redis-password"]
+    redis = only(objects, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
+    assert '--requirepass "$COURIER_REDIS_PASSWORD"' in redis["args"][0]
+    clients = set()
+    for obj in objects:
+        for where, _, spec in pod_specs(obj):
+            for container in containers(spec):
+                env = env_of(container)
+                if "COURIER_REDIS" in env:
+                    clients.add(container["name"])
+                    assert env["COURIER_REDIS"] == "courier-redis:6379,password=$(COURIER_REDIS_PASSWORD)", where
+                    password = next(e for e in container["env"] if e["name"] == "COURIER_REDIS_PASSWORD")
+                    assert password["valueFrom"]["secretKeyRef"] == {"name": "courier-redis", "key": "redis-password"}
+    assert {"ray-head", "ray-worker", "city", "monitor", "materialize", "apply", "train", "retrain"} <= clients
+
+
 def test_external_redis_replaces_the_statefulset(render, render_error):
     """redis.enabled=false uses redis.externalAddress everywhere, and refuses to render without it."""
     objects = render("external-redis")
     assert not find(objects, "StatefulSet", "redis") and not find(objects, "StatefulSet", "gcs-redis")
     head = only(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert env_of(head["containers"][0])["COURIER_REDIS"] == "redis.shared.svc:6380,password=$(COURIER_REDIS_PASSWORD)"
+    assert not find(objects, "Secret", "redis")  # the given Secret, not one of the chart's
+    head = only(render("external-redis", "redis.auth.enabled=false"), "RayService")["spec"]["rayClusterConfig"][
+        "headGroupSpec"]["template"]["spec"]
     assert env_of(head["containers"][0])["COURIER_REDIS"] == "redis.shared.svc:6380"
-    assert "redis.externalAddress" in render_error("defaults", "redis.enabled=false")
+    assert "redis.externalAddress" in render_error("defaults", "redis.enabled=false", "redis.auth.enabled=false")
+    assert "redis.auth.existingSecret" in render_error("defaults", "redis.enabled=false",
+                                                       'redis.externalAddress="r:6379"')
 
 
 def test_existing_claim_takes_precedence(render):
@@ -473,27 +573,39 @@ def test_ray_ports_stay_inside_the_cluster(render):
 
 
 def test_network_policies_expose_only_the_serving_port(render):
-    """From outside the release only Ray Serve's 8000 (and KServe's 8080) answer; the KubeRay operator
-    alone reaches the dashboard and agent; inside the release everything talks."""
+    """From outside the release only Ray Serve's 8000 (and KServe's 8080) answer. Inside it, the Ray pods talk to
+    each other on every port, but the release's other pods (the city, jobs, load tests: code that is not the
+    Ray cluster) reach them on the serve and metrics ports only: the dashboard (job submission, no auth), the
+    GCS, the Ray client and the agent answer the KubeRay operator (dashboard, agent) and pods labelled as operator
+    tooling. Every other pod of the release takes the release's traffic (Redis has a password)."""
     objects = render("everything", "networkPolicy.metricsFrom=[]")
     policies = find(objects, "NetworkPolicy")
     stranger, operator = {"app": "other"}, {"app.kubernetes.io/name": "kuberay-operator"}
-    release_pod = {"app.kubernetes.io/name": "courier", "app.kubernetes.io/instance": RELEASE}
+    tooling = {"courier.io/ray-operator-tooling": "true"}
+    pods = [(where, labels) for obj in objects for where, labels, _ in pod_specs(obj)]
+    ray = {where for obj in objects if obj["kind"] == "RayService" for where, _, _ in pod_specs(obj)}
+    assert len(ray) == 2 and len(pods) > 8
 
     def reachable(labels, port, peer, ns=NAMESPACE):
         return any(admits(p, labels, port, peer, ns) for p in policies)
-    for obj in objects:
-        for where, labels, _ in pod_specs(obj):
-            for port in (6379, 8265, 10001, 52365, 8080, 8000, 5557, 6566, 5432):
-                assert reachable(labels, port, release_pod), f"{where}:{port} closed to the release"
-                open_to_all = (port == 8000 and labels.get("app.kubernetes.io/component") == "serving") or (
-                    port == 8080 and labels.get("app.kubernetes.io/component") == "kserve")
-                assert reachable(labels, port, stranger) == open_to_all, f"{where}:{port}"
-                assert reachable(labels, port, stranger, "elsewhere") == open_to_all, f"{where}:{port}"
-            if obj["kind"] == "RayService":
-                for port in (8265, 52365):
-                    assert reachable(labels, port, operator, "ray-system"), f"{where}:{port} closed to KubeRay"
-                assert not reachable(labels, 6379, operator, "ray-system")
+    for where, labels in pods:
+        for port in (6379, 8265, 10001, 52365, 8080, 8000, 5557, 6566, 5432):
+            for peer_where, peer in pods:
+                expected = where not in ray or peer_where in ray or port in (8000, 8080)
+                assert reachable(labels, port, peer) == expected, f"{peer_where} -> {where}:{port}"
+            open_to_all = (port == 8000 and labels.get("app.kubernetes.io/component") == "serving") or (
+                port == 8080 and labels.get("app.kubernetes.io/component") == "kserve")
+            assert reachable(labels, port, stranger) == open_to_all, f"{where}:{port}"
+            assert reachable(labels, port, stranger, "elsewhere") == open_to_all, f"{where}:{port}"
+            assert reachable(labels, port, tooling) == (where in ray and port in (8265, 6379, 10001, 52365, 8000)
+                                                        or open_to_all), \
+                f"tooling -> {where}:{port}"
+            assert not reachable(labels, port, tooling, "elsewhere") or open_to_all, f"{where}:{port}"
+        if where in ray:
+            for port in (8265, 52365):
+                assert reachable(labels, port, operator, "ray-system"), f"{where}:{port} closed to KubeRay"
+            for port in (6379, 10001):
+                assert not reachable(labels, port, operator, "ray-system"), f"{where}:{port} open to KubeRay"
 
 
 def test_disruption_budget_covers_ray_workers_not_the_head(render):
@@ -630,7 +742,10 @@ def test_waivers_follow_the_values(render):
                                                                        "CKV_K8S_35"}
     # The registry's URI reaches the training pods through their environment only while it holds a password.
     assert waived(render("everything", "redis.auth.enabled=false", "registry.postgresql.enabled=false",
-                         "retrain.enabled=false")) == {"CKV_K8S_38", "CKV_K8S_8", "CKV_K8S_9"}
+                         "retrain.enabled=false")) == {"CKV_K8S_38", "CKV_K8S_8", "CKV_K8S_9", "CKV_K8S_35"}
+    # ... and the chart's clients of serving get their API key through theirs only while auth is on.
+    assert waived(render("everything", "redis.auth.enabled=false", "registry.postgresql.enabled=false",
+                         "retrain.enabled=false", "auth.enabled=false")) == {"CKV_K8S_38", "CKV_K8S_8", "CKV_K8S_9"}
 
 
 # --- 6. images, versions and the helm test -------------------------------------------------------

@@ -429,8 +429,9 @@ def test_the_city_against_the_real_service_reports_outcomes_for_logged_predictio
     client = redis.Redis(host="127.0.0.1", port=6379)
     outcomes, prefix = f"courier-test:{uuid.uuid4().hex[:8]}:outcomes", f"courier-test-{uuid.uuid4().hex[:6]}"
     try:
+        offset = LUNCH.timestamp() - time.time()  # the world at lunchtime: at night no kitchen takes orders
         city = City(World.load(city_dir, speed=1800, seed=3), served.url, redis="127.0.0.1:6379",
-                    outcomes_stream=outcomes, prefix=prefix, out=None)
+                    outcomes_stream=outcomes, prefix=prefix, out=None, clock=lambda: time.time() + offset)
         city.run(duration_s=12)
         logged = {orjson.loads(f[b"r"])["request_id"]: orjson.loads(f[b"r"])["endpoint"]
                   for _, f in client.xrange(served_log_stream)}

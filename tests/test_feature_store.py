@@ -187,3 +187,38 @@ def test_apply_and_materialize_take_turns_on_the_registry(tmp_path):
     out, _ = waiting.communicate(timeout=120)
     assert waiting.returncode == 0 and "waiting for" in out and "applied feature repository" in out
     assert registry_path(store).exists()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_key_the_store_cannot_hold_is_the_requests_fault_not_an_outage(tmp_path, feature_store, city_dir,
+                                                                        city_summary, backend):
+    """Keys past int64 or of the wrong type raise UnreadableEntity (a 422), and the next valid read, at once,
+    is answered from the store: the breaker opens only for a store fault (a Redis nobody listens on)."""
+    from serving.features import StoreUnavailable, UnreadableEntity
+    from tests.conftest import free_port
+
+    store, project = feature_store, None
+    if backend == "redis":
+        project = f"courier_test_{uuid.uuid4().hex[:8]}"
+        store = open_store("redis", data_dir=tmp_path, redis=REDIS, project=project)
+        apply(store, data_dir=city_dir)
+        materialize(store, datetime.fromisoformat(city_summary["end"]))
+    try:
+        reader = OnlineFeatures(store, "eta_v1", deadline_s=10, cooldown_s=60)
+        entities = _entities(city_dir, pd.Timestamp(city_summary["end"]), n=1)
+        valid = {"restaurant_id": int(entities["restaurant_id"].iloc[0]), "area_id": entities["area_id"].iloc[0]}
+        for bad in (2**63, -(2**64), 10**30, "abc", None):
+            with pytest.raises(UnreadableEntity, match="restaurant_id") as raised:
+                reader.read({**valid, "restaurant_id": bad})
+            assert raised.value.status == 422
+            assert reader.read(valid).values["lat"] is not None  # no cool-down: the store is read again
+        if backend == "redis":  # a real fault still opens the breaker: the same registry, a Redis nobody runs
+            down = OnlineFeatures(open_store("redis", data_dir=tmp_path, redis=f"127.0.0.1:{free_port()}",
+                                             project=project), "eta_v1", deadline_s=1, cooldown_s=60)
+            with pytest.raises(StoreUnavailable):
+                down.read(valid)
+            with pytest.raises(StoreUnavailable, match="not retried yet"):
+                down.read(valid)
+    finally:
+        if project:
+            store.teardown()

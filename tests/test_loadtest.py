@@ -256,7 +256,7 @@ def test_the_feed_stage_probe_reports_every_stage(served, small_city):
     """python -m loadtest.feed_stages: end-to-end and per-stage latencies of real feeds."""
     from loadtest.feed_stages import probe
 
-    stages = probe(served.url, requests=3, rate=50, city=small_city)
+    stages = probe(served.url, requests=3, rate=50, city=small_city, request_time="2026-11-19T19:00:00Z")  # open
     assert {"client", "total", "retrieval_call", "ranker_features", "ranking", "blending"} <= set(stages)
     assert all(len(values) == 3 for values in stages.values())
     assert max(stages["total"]) <= max(stages["client"])  # the server's part of what the client saw

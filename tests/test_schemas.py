@@ -1,6 +1,7 @@
 """Request validation: every bad input becomes a 4xx naming the field and the rule."""
 
 import json
+from datetime import timezone
 
 import numpy as np
 import pytest
@@ -41,7 +42,10 @@ def test_naive_order_time_is_utc():
         (body(restaurant_id="7"), "restaurant_id", "valid integer"),
         (body(restaurant_id=7.0), "restaurant_id", "valid integer"),
         (body(restaurant_id=True), "restaurant_id", "valid integer"),
-        (body(restaurant_id=0), "restaurant_id", "greater than 0"),
+        (body(restaurant_id=0), "restaurant_id", "greater than or equal to 1"),
+        (body(restaurant_id=2**63), "restaurant_id", "less than or equal to 9223372036854775807"),
+        (body(user_id=2**63), "user_id", "less than or equal to 9223372036854775807"),
+        (body(restaurant_id="x" * 5000), "restaurant_id", "(5002 characters)"),
         (body(delivery_lat="52.1"), "delivery_lat", "valid number"),
         (body(order_time="yesterday"), "order_time", "datetime"),
         (body(extra_field=1), "extra_field", "not permitted"),
@@ -106,6 +110,12 @@ def test_v2_request_builds_typed_arrays():
         (v2(DENSE, DENSE, AREAS), "inputs[1].name", "given twice"),
         (v2(DENSE, {**AREAS, "shape": [1, 2], "data": [1, 2]}), "inputs", "batch sizes differ"),
         (json.dumps({"inputs": []}).encode(), "inputs", "at least 1"),
+        (v2({**DENSE, "shape": [0, 3], "data": []}, AREAS), "inputs[0].shape", "at least 1"),
+        (v2(DENSE, {**AREAS, "data": [1, 2, 3, 2**63]}), "inputs[1].data", "outside int64's range"),
+        (v2(DENSE, {**AREAS, "data": [1, 2, 3, -(2**63) - 1]}), "inputs[1].data", "outside int64's range"),
+        (v2({**DENSE, "data": [0.1, 0.2, 0.3, 0.4, 0.5, 1e39]}, AREAS), "inputs[0].data", "outside fp32's range"),
+        (v2({**DENSE, "data": [0.1, 0.2, 0.3, 0.4, 0.5, 10**400]}, AREAS), "inputs[0].data", "outside fp32's range"),
+        (v2({**DENSE, "data": [0.1, 0.2, 0.3, 0.4, 0.5, True]}, AREAS), "inputs[0].data", "takes numbers"),
         (b'{"inputs": [{"name": "dense", "datatype": "FP32", "shape": [1, 3], "data": [1, NaN, 2]}]}',
          "inputs[0].data", "nan or infinity"),
     ],
@@ -116,3 +126,48 @@ def test_bad_v2_requests_name_field_and_rule(raw, field, words):
         parse_v2_request(raw, SPECS)
     assert caught.value.field == field
     assert words in caught.value.message.lower()
+
+
+FREE = [{"name": "free", "datatype": "FP32", "shape": [-1, -1], "range": (None, None)}]
+
+
+@pytest.mark.parametrize("shape", [[0, 2**64], [2**64, 0], [1, 0], [0, 0]])
+def test_empty_or_huge_shapes_are_refused_not_reshaped(shape):
+    """A zero dimension would let any other dimension through (numpy then fails on 2**64): every dimension
+    must be at least 1, so the values bound the shape."""
+    with pytest.raises(InvalidInput) as caught:
+        parse_v2_request(v2({"name": "free", "datatype": "FP32", "shape": shape, "data": []}), FREE)
+    assert caught.value.field == "inputs[0].shape" and "at least 1" in caught.value.rule
+
+
+@pytest.mark.parametrize("value, accepted", [(2**31 - 1, True), (2**31, False), (-(2**31), True), (-(2**31) - 1, False)])
+def test_int32_bounds(value, accepted):
+    """INT32 values are checked against INT32's range, not INT64's."""
+    spec = [{"name": "n", "datatype": "INT32", "shape": [-1], "range": (None, None)}]
+    raw = v2({"name": "n", "datatype": "INT32", "shape": [1], "data": [value]})
+    if accepted:
+        assert parse_v2_request(raw, spec)[1]["n"].tolist() == [value]
+    else:
+        with pytest.raises(InvalidInput, match="outside INT32's range"):
+            parse_v2_request(raw, spec)
+
+
+def test_times_at_the_window_edges():
+    """The window is inclusive, judged on the instant (offset applied), and its rule is stated."""
+    from datetime import UTC, datetime, timedelta
+
+    from serving.schemas import TIME_WINDOW, _check_time
+
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    back, ahead = TIME_WINDOW
+    _check_time("order_time", now - back, now)
+    _check_time("order_time", (now + ahead).replace(tzinfo=None), now)  # naive is UTC
+    # 13:00+02:00 is 11:00Z: inside when the window ends at 12:00Z, although its wall clock is past it
+    _check_time("order_time", (now + ahead + timedelta(hours=1)).replace(tzinfo=timezone(timedelta(hours=2))), now)
+    for outside in (now - back - timedelta(seconds=1), now + ahead + timedelta(seconds=1),
+                    (now + ahead).replace(tzinfo=timezone(timedelta(hours=-1))),
+                    datetime.min.replace(tzinfo=timezone(timedelta(hours=1))),
+                    datetime.max.replace(tzinfo=timezone(timedelta(hours=-1)))):
+        with pytest.raises(InvalidInput) as caught:
+            _check_time("order_time", outside, now)
+        assert caught.value.field == "order_time" and f"{back.days} days before" in caught.value.rule

@@ -124,6 +124,39 @@ def test_service_keeps_answering_after_bad_input(client, known):
     assert client.post("/v1/eta", json=known).status_code == 200
 
 
+def test_bad_requests_interleaved_with_valid_ones_leave_every_valid_answer_undegraded(served, known):
+    """Ids past int64, unknown ones and impossible times, 16 at a time beside valid requests: no bad one
+    gets a 5xx (an unknown user gets a cold-start feed), and no answer falls back ("online store unavailable")."""
+    feed = {"user_id": 1, "user_lat": known["delivery_lat"], "user_lon": known["delivery_lon"], "page_size": 5}
+    bad = [("/v1/eta", {**known, "restaurant_id": 2**63}), ("/v1/eta", {**known, "restaurant_id": 10**30}),
+           ("/v1/eta", {**known, "restaurant_id": 2**63 - 1}), ("/v1/eta", {**known, "user_id": -(2**64)}),
+           ("/v1/eta", {**known, "order_time": "0001-01-01T00:00:00+01:00"}),
+           ("/v1/eta", {**known, "order_time": "9999-12-31T23:59:59-01:00"}),
+           ("/v1/feed", {**feed, "user_id": 2**64}), ("/v1/feed", {**feed, "user_id": 2**63 - 1}),
+           ("/v1/feed", {**feed, "request_time": "9999-12-31T23:59:59-23:59"})]
+    plan = [item for i in range(60) for item in ([bad[i % len(bad)]] + ([("/v1/eta", known)] if i % 2 else
+                                                                         [("/v1/feed", feed)]))]
+
+    async def burst() -> list[tuple[str, dict, httpx.Response]]:
+        limit = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as http:
+            async def send(path: str, body: dict) -> tuple[str, dict, httpx.Response]:
+                async with limit:
+                    return path, body, await http.post(path, json=body)
+            return await asyncio.gather(*(send(path, body) for path, body in plan))
+
+    answers = asyncio.run(burst())
+    valid = [(path, r) for path, body, r in answers if body is known or body is feed]
+    assert len(valid) == 60
+    for path, response in valid:
+        assert response.status_code == 200, (path, response.text)
+        assert response.json()["degraded"] is False, (path, response.json())
+    for path, body, response in answers:
+        if body is not known and body is not feed:
+            assert response.status_code < 500, (path, body, response.status_code, response.text)
+            assert response.status_code != 200 or response.json()["degraded"] is False  # an unknown user: cold start
+
+
 def test_v2_health_and_metadata(client, model):
     """Live, ready and model metadata with input names, datatypes and dynamic shapes."""
     assert client.get("/v2/health/live").json() == {"live": True}

@@ -16,6 +16,8 @@ import urllib.request
 URL = os.environ["COURIER_URL"].rstrip("/")
 READY_TIMEOUT_S = float(os.environ.get("COURIER_READY_TIMEOUT_S", "300"))
 # A restaurant the simulator always creates, delivering to the city centre.
+# The chart's internal key (auth.enabled): /v2 raw inference needs the internal scope.
+AUTH = {"Authorization": f"Bearer {os.environ['COURIER_API_KEY']}"} if os.environ.get("COURIER_API_KEY") else {}
 ETA_REQUEST = {"restaurant_id": 1, "delivery_lat": 52.370, "delivery_lon": 4.900}
 
 
@@ -23,7 +25,7 @@ def call(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
     """(status, JSON body) of one request; HTTP errors are answers, not exceptions."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(URL + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **AUTH})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read() or b"{}")

@@ -253,6 +253,13 @@ Redis as the online store; then serving.models into the model slots (courier.app
 {{- $_ := set $args "artifacts" (include "courier.onVolume" (dict "ctx" $ "path" $args.artifacts)) }}
 {{- end }}
 {{- $_ := set $args "online_store" "redis" }}
+{{- /* API keys (templates/auth.yaml): the Ray pods read the digests from COURIER_API_KEYS. */}}
+{{- $auth := $args.auth | default dict }}
+{{- $_ := set $auth "enabled" $.Values.auth.enabled }}
+{{- $_ := set $auth "keys_env" "COURIER_API_KEYS" }}
+{{- $_ := set $auth "rate_per_s" $.Values.auth.rateLimit.requestsPerSecond }}
+{{- $_ := set $auth "burst" $.Values.auth.rateLimit.burst }}
+{{- $_ := set $args "auth" $auth }}
 {{- if hasKey $args "data_dir" }}
 {{- $_ := set $args "data_dir" (include "courier.dataDir" $) }}
 {{- end }}
@@ -371,7 +378,8 @@ checkov skip annotations for one workload, derived from the values that cause th
 who changes the value (pushes images by digest, picks a high uid...) loses the waiver with it.
 Each reason names the value; values.yaml explains the waiver next to that value.
 (dict "ctx" $ "images" (list $.Values.images.jobs) "extra" (list "CKV_K8S_38")); "registry" true for a pod
-that gets the registry's URI (COURIER_REGISTRY) from a Secret through its environment.
+that gets the registry's URI (COURIER_REGISTRY) from a Secret through its environment, "apiKey" true for one
+that gets an API key (COURIER_API_KEY).
 */}}
 {{- define "courier.checkovWaivers" -}}
 {{- $v := .ctx.Values }}
@@ -381,6 +389,7 @@ that gets the registry's URI (COURIER_REGISTRY) from a Secret through its enviro
   "CKV_K8S_40" "podSecurityContext.runAsUser is 1000, the ray user that owns the rayproject/ray Python environment"
   "CKV_K8S_35" "redis.auth.enabled: Feast takes the Redis password inside its connection string, COURIER_REDIS"
   "CKV_K8S_35/registry" "registry: MLflow takes the backend's credentials only inside its tracking URI, COURIER_REGISTRY"
+  "CKV_K8S_35/auth" "auth.enabled: the chart's clients of serving take their API key from COURIER_API_KEY"
   "CKV_K8S_38" "chaos: the drill deletes serving pods through the Kubernetes API, so this pod alone mounts a token"
   "CKV_K8S_8" "tests: the helm test pod runs once to completion; probes do not apply"
   "CKV_K8S_9" "tests: the helm test pod runs once to completion; probes do not apply" }}
@@ -391,8 +400,30 @@ that gets the registry's URI (COURIER_REGISTRY) from a Secret through its enviro
 {{- end }}
 {{- if lt (int $v.podSecurityContext.runAsUser) 10000 }}{{ $checks = append $checks "CKV_K8S_40" }}{{ end }}
 {{- if $v.redis.auth.enabled }}{{ $checks = append $checks "CKV_K8S_35" }}
+{{- else if and .apiKey $v.auth.enabled }}{{ $checks = append $checks "CKV_K8S_35/auth" }}
 {{- else if and .registry (ne (include "courier.registryBackend" .ctx) "sqlite") }}{{ $checks = append $checks "CKV_K8S_35/registry" }}{{ end }}
 {{- range $i, $key := concat (uniq $checks) (.extra | default list) }}
 checkov.io/skip{{ add1 $i }}: {{ printf "%s=%s" (first (splitList "/" $key)) (index $reasons $key) | quote }}
+{{- end }}
+{{- end }}
+
+{{/* API keys (templates/auth.yaml) ---------------------------------------------------------- */}}
+
+{{- define "courier.apiKeysSecretName" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-api-keys" (include "courier.fullname" .)) }}
+{{- end }}
+
+{{/* COURIER_API_KEY of one of the chart's own clients, as an env list (YAML), or nothing with auth off:
+     (dict "ctx" $ "client" "internal"). The client must be one of auth.clients. */}}
+{{- define "courier.apiKeyEnv" -}}
+{{- if .ctx.Values.auth.enabled }}
+{{- if not (hasKey .ctx.Values.auth.clients .client) }}
+{{- fail (printf "auth.clients.%s is missing: the chart's %s workloads call serving with that client's key" .client .client) }}
+{{- end }}
+- name: COURIER_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "courier.apiKeysSecretName" .ctx }}
+      key: {{ .client }}-key
 {{- end }}
 {{- end }}

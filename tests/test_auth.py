@@ -144,20 +144,6 @@ def test_new_key_prints_the_digest_entry_and_the_key_once(tmp_path, capsys):
     assert "key" not in keys_file.read_text().replace("sha256", "")  # the file holds digests only
 
 
-def test_checking_a_key_costs_microseconds():
-    """The check runs on every request; /v1/eta takes ~5 ms, so it must stay in the tens of microseconds."""
-    auth = _auth(rate_per_s=1e9, burst=10**9)  # the bucket is taken from, never empty
-    header = f"Bearer {PUBLIC}"
-    for _ in range(1000):
-        auth.check("/v1/eta", header)
-    start = time.perf_counter()
-    for _ in range(20000):
-        auth.check("/v1/eta", header)
-    per_check_us = (time.perf_counter() - start) / 20000 * 1e6
-    print(f"auth check: {per_check_us:.1f} µs")
-    assert per_check_us < 50
-
-
 # --- a real app with auth on ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -454,7 +454,7 @@ def test_shadow_answers_are_logged_and_never_returned(server, versions, known, s
                                    rtol=1e-4, atol=1e-6)
         assert by[(rid, "champion")]["variants"] == {"ranker": "champion", "eta": "champion"}
     assert _metric_total(server.metrics_port, "ray_courier_shadow_answers_total", 'model="eta"',
-                         f'version="{versions.eta2}"') >= len(ids)
+                         f'version="{versions.eta2}"', at_least=len(ids) - 1) >= len(ids)  # every replica's
 
 
 def test_shadow_costs_the_caller_no_latency(tmp_path, city_dir, feature_store, eta_trained, retrieval_trained,

@@ -22,7 +22,7 @@ def redis_options(address: str | None = None) -> dict[str, Any]:
     """Keyword arguments of redis.Redis (and redis.asyncio.Redis) for an address (module doc)."""
     where, *options = redis_address(address).split(",")
     host, _, port = where.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"a Redis address is host:port[,password=...], got {where!r}: set COURIER_REDIS")
     extra = dict(option.split("=", 1) for option in options if "=" in option)
     return {"host": host, "port": int(port), "password": extra.get("password") or None,

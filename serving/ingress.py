@@ -186,7 +186,7 @@ class Ingress:
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {self.max_body_bytes} bytes",
                                   field="body", rule=f"at most {self.max_body_bytes} bytes")
         body = await request.body()

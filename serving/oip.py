@@ -170,7 +170,7 @@ def _flag(parameters: dict[str, Any], key: str, where: str) -> bool:
 
 def _header_length(declared: str, body_length: int) -> int:
     value = declared.strip()
-    if not value.isdigit() or not 0 < int(value) <= body_length:
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= body_length:
         raise MalformedRequest(f"Inference-Header-Content-Length: {declared!r} is not the length of the JSON header "
                                f"within the {body_length}-byte body", field="Inference-Header-Content-Length",
                                rule=f"an integer in 1..{body_length}")

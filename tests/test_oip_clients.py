@@ -13,7 +13,7 @@ import struct
 import httpx
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from serving.errors import CourierError, InvalidInput, MalformedRequest
@@ -205,6 +205,7 @@ def test_malformed_binary_bodies_are_4xx_naming_the_field(case, body, headers, e
 @settings(max_examples=300, deadline=None)
 @given(header=st.one_of(st.just(json.dumps(HEADER).encode()), st.binary(max_size=80)),
        raw=st.binary(max_size=80), declared=st.one_of(st.integers(-5, 300).map(str), st.text(max_size=4)))
+@example(header=b"{}", raw=b"", declared="\u00b2")  # a Unicode digit: str.isdigit() says yes, int() says no
 def test_any_binary_body_is_answered_or_refused_with_a_4xx(header, raw, declared):
     """Whatever the bytes and the declared header length, the codec answers or raises a 4xx error."""
     try:

@@ -19,13 +19,18 @@ SERVE_CONFIG = PROJECT_ROOT / "serving" / "serve_config.yaml"
 RAY_ENV = PROJECT_ROOT / "serving" / "ray_env.yaml"
 
 
-def load_ray_env(path: Path = RAY_ENV) -> dict[str, str]:
-    """Courier's Ray process settings (serving/ray_env.yaml) as environment variables."""
+def load_ray_env(path: Path = RAY_ENV, root: Path | str = PROJECT_ROOT) -> dict[str, str]:
+    """Courier's Ray process settings (serving/ray_env.yaml) as environment variables.
+
+    A relative `*_PATH` value is one of Courier's own files: it is resolved against `root` (the project
+    root locally, /app in the images; the chart does the same).
+    """
     settings = yaml.safe_load(Path(path).read_text()) or {}
     bad = [key for key, value in settings.items() if not isinstance(value, str)]
     if bad:
         raise ValueError(f"{path}: quote the values of {bad} (environment variables are strings)")
-    return settings
+    return {key: f"{str(root).rstrip('/')}/{value}" if key.endswith("_PATH") and not value.startswith("/") else value
+            for key, value in settings.items()}
 
 
 def apply_ray_env(environ: MutableMapping[str, str] = os.environ, path: Path = RAY_ENV) -> dict[str, str]:

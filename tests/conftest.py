@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import pytest
 from feature_repo.store import apply, materialize, open_store
 from models.simulator import SimulationConfig, simulate
 from serving.launch import free_port  # tests import it from here
+
+# The suite checks answers under concurrency, not shedding: every Courier it starts gets a patient HAProxy
+# queue (an explicit environment value wins over serving/ray_env.yaml). The shipped bounds are tested in
+# tests/test_haproxy_admission.py (the real HAProxy) and measured by `make overload`.
+PATIENT_HAPROXY = {"COURIER_HAPROXY_QUEUE_TIMEOUT_MS": "60000", "COURIER_HAPROXY_MAX_QUEUED": "100000"}
+for _name, _value in PATIENT_HAPROXY.items():
+    os.environ.setdefault(_name, _value)
 
 # A fixed end keeps the small city identical from run to run (the simulator is deterministic).
 CITY_END = "2026-11-20T12:00:00"

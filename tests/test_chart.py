@@ -488,8 +488,9 @@ def test_ray_settings_precedence(render):
     settings that run locally (serving/ray_env.yaml), each replaceable by a serve.env entry."""
     from serving.config import load_ray_env
 
-    shipped = load_ray_env()
+    shipped = load_ray_env(root="/app")  # Courier's own files (e.g. the HAProxy wrapper) are under /app in the images
     assert shipped, "serving/ray_env.yaml ships no settings"
+    assert shipped["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/app/serving/haproxy_admission.py"
     objects = render("defaults", 'ray.worker.rayStartParams={"object-store-memory": "1000000000"}',
                      'serve.env=[{"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "0"}, {"name": "EXTRA", "value": "x"}]')
     cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]

@@ -188,8 +188,13 @@ def tight(tmp_path_factory, city_dir, feature_store, eta_trained, retrieval_trai
     overrides = ["--num-cpus", "2", *serve_overrides(city_dir, eta_trained, retrieval_trained, ranker_trained,
                                                      admission=LIMITS,
                                                      prediction_log={"stream": stream, "linger_s": 0.005})]
-    log = tmp_path_factory.mktemp("overload-serve") / "serve.log"
-    with BackgroundServer(*distinct_ports(2), log, extra=overrides, timeout_s=480) as running:  # busy CI cores
+    folder = tmp_path_factory.mktemp("overload-serve")
+    # HAProxy passes the burst on (64 per replica, patient), so that the Ingress's own admission is what refuses;
+    # HAProxy's bounds in front are tested with the real binary in tests/test_haproxy_admission.py.
+    env = {"COURIER_HAPROXY_SERVER_MAXCONN": "64", "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg")}
+    with BackgroundServer(*distinct_ports(2), folder / "serve.log", extra=overrides, env=env,
+                          timeout_s=480) as running:  # busy CI cores
+        running.haproxy_dir = folder
         yield running
 
 
@@ -279,3 +284,12 @@ def test_a_request_whose_client_left_is_not_computed(tight, feed, stream):
     spared = answered + gave_up - computed
     assert spared >= gave_up // 3, (computed, answered, gave_up)
 
+
+
+def test_ray_runs_its_haproxy_through_the_bounding_wrapper(tight):
+    """serving/ray_env.yaml points Ray at serving/haproxy_admission.py: the config HAProxy runs has the bounds."""
+    configs = list(tight.haproxy_dir.rglob("haproxy.cfg"))
+    assert configs, f"no HAProxy config under {tight.haproxy_dir}"
+    text = configs[0].read_text()
+    assert "# courier: bounded queue" in text and "check maxconn 64" in text and "timeout queue 60000ms" in text
+    assert "courier-503.http" in text

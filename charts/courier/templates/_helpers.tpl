@@ -357,8 +357,10 @@ by an entry of serve.env with the same name; serve.env's other entries follow.
 {{- end }}
 {{- range $name := keys $shipped | sortAlpha }}
 {{- if not (hasKey $overridden $name) }}
+{{- $value := get $shipped $name | toString }}
 - name: {{ $name }}
-  value: {{ get $shipped $name | toString | quote }}
+  {{- /* a relative *_PATH is one of Courier's files: the images hold them under /app (serving.config.load_ray_env) */}}
+  value: {{ ternary (printf "/app/%s" $value) $value (and (hasSuffix "_PATH" $name) (not (hasPrefix "/" $value))) | quote }}
 {{- end }}
 {{- end }}
 {{- with .Values.serve.env }}

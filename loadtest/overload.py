@@ -22,7 +22,7 @@ import asyncio
 import resource
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -151,8 +151,8 @@ def overload_requests(config: dict[str, Any], endpoint: str, seed: int = 0, n: i
     requests = city.request_stream(n, [endpoint])
     if endpoint != "feed":
         return requests
-    noon = datetime.now(timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
-    noon -= timedelta(days=1) if noon > datetime.now(timezone.utc) else timedelta(0)
+    noon = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    noon -= timedelta(days=1) if noon > datetime.now(UTC) else timedelta(0)
     at = noon.isoformat()
     return [replace(r, body=orjson.dumps({**orjson.loads(r.body), "request_time": at})) for r in requests]
 

@@ -32,6 +32,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from models.geo import CITY, area_ids, haversine_km, offset_point
+from models.marketplace import (  # the city it simulates follows the marketplace's rules
+    DELIVERY_RADIUS_KM,
+    is_open,
+)
 from models.sessions import simulate_feed
 
 SNAPSHOT = pd.Timedelta(minutes=5)
@@ -46,7 +50,6 @@ WAIT_PER_CONGESTION = 7.0
 CONGESTION_CAP = 3.0
 PREP_NOISE = 1.2
 TRAVEL_NOISE = 3.0
-DELIVERY_RADIUS_KM = 5.0
 SPONSORED_SHARE = 0.1  # restaurants running a sponsored campaign
 CUISINES = ("pizza", "burgers", "sushi", "indian", "thai", "mexican", "salads", "chinese", "italian", "bakery")
 
@@ -91,13 +94,6 @@ def speed_kmh(hour: np.ndarray, weekday: np.ndarray) -> np.ndarray:
     weekday_factor = 1.20 - 0.60 * rush
     weekend_factor = 1.20 - 0.20 * np.exp(-(((hour - 13.0) / 3.0) ** 2))
     return BASE_SPEED_KMH * np.where(weekday >= 5, weekend_factor, weekday_factor)
-
-
-def is_open(opens: np.ndarray, closes: np.ndarray, hour: np.ndarray) -> np.ndarray:
-    """Opening hours that may cross midnight (closes < opens)."""
-    same_day = (hour >= opens) & (hour < closes)
-    overnight = (hour >= opens) | (hour < closes)
-    return np.where(closes > opens, same_day, overnight)
 
 
 def _random_points_in_disc(rng: np.random.Generator, n: int, radius_km: float) -> tuple[np.ndarray, np.ndarray]:

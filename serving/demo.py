@@ -144,6 +144,9 @@ def live_city(base: str, seconds: float, speed: float, stream: str) -> None:
           f"({seconds * speed / 60:.0f} world-minutes at {speed:g}x), {stats['outcomes']} outcomes reported")
     print(f"online metrics: live ETA RMSE {rmse:.2f} min over {n:.0f} deliveries (offline {offline:.2f}), "
           f"bias {bias:+.2f} min; feed conversion {ordered / max(shown, 1):.1%} of {shown:.0f} cards shown")
+    if stats["orders"] == 0:  # the city keeps the wall clock's time of day: at night its kitchens are closed
+        print(f"  (no orders: it is {time.strftime('%H:%M', time.gmtime())} UTC and the city's kitchens are closed; "
+              "run the demo in the daytime, or `make world` then, to see deliveries and online metrics)")
     if any(a is not None for a in ages):
         print(f"freshness: newest live features {max(a for a in ages if a is not None):.0f} s old (TTL 900 s)")
 

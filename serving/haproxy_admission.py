@@ -89,10 +89,10 @@ def bound_queues(config: str, limits: QueueLimits, refusal_page_path: str) -> st
             line += f" maxconn {limits.server_maxconn}"
         out.append(line)
         if line.startswith("backend ") and backend not in _SKIPPED_BACKENDS:
+            deny = f"http-request deny deny_status 503 errorfile {refusal_page_path}"
             out += ["    # courier: bounded queue (serving/haproxy_admission.py)",
                     f"    timeout queue {limits.queue_timeout_ms}ms",
-                    f"    http-request deny deny_status 503 errorfile {refusal_page_path} "
-                    f"if {{ queue() ge {limits.max_queued} }}"]
+                    f"    {deny} if {{ queue() ge {limits.max_queued} }}"]
     return "\n".join(out) + "\n"
 
 

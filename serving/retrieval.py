@@ -20,9 +20,8 @@ import numpy as np
 from ray import serve
 
 from feature_repo.store import open_store
-from models.geo import haversine_km
-from models.retrieval.features import build_user_inputs
-from models.simulator import DELIVERY_RADIUS_KM, is_open
+from models.marketplace import DELIVERY_RADIUS_KM
+from models.retrieval.features import build_user_inputs, hard_filter
 from serving.features import OnlineFeatures, StoreUnavailable
 from serving.metrics import ServingMetrics
 from serving.onnx_model import OnnxModel, ServedOnnxModel
@@ -104,9 +103,9 @@ class RetrievalPipeline(ServedOnnxModel):
         timings: dict[str, float] = {}
         directory = self._fresh_directory()
         with self.metrics.stage("feed", "hard_filters", timings):
-            hour = float(np.floor((request_time % 86400) / 3600))
-            reachable = haversine_km(user_lat, user_lon, directory.lat, directory.lon) <= self.radius_km
-            eligible = np.flatnonzero(reachable & is_open(directory.opens, directory.closes, hour))
+            # the offline index's filter (models/retrieval/features.py), not a second copy of the rule
+            eligible = np.flatnonzero(hard_filter(directory.lat, directory.lon, directory.opens, directory.closes,
+                                                  user_lat, user_lon, request_time, self.radius_km))
         fallback = None
         with self.metrics.stage("feed", "user_features", timings):
             try:

@@ -142,10 +142,10 @@ def hard_filter(lat: np.ndarray, lon: np.ndarray, opens_hour: np.ndarray, closes
     """Candidates a user may be shown: open at the request's hour (UTC) and within `radius_km`.
 
     Scalars give a bool mask [R]; arrays of M requests give [M, R]. Same rule as the simulator
-    (`simulator.is_open` at the whole hour, great-circle distance).
+    (`marketplace.is_open` at the whole hour, great-circle distance).
     """
     from models.geo import haversine_km
-    from models.simulator import is_open
+    from models.marketplace import is_open
 
     user_lat, user_lon, request_time = (np.asarray(v, dtype=np.float64) for v in (user_lat, user_lon, request_time))
     hour = np.floor((request_time % 86400.0) / 3600.0)
@@ -155,7 +155,7 @@ def hard_filter(lat: np.ndarray, lon: np.ndarray, opens_hour: np.ndarray, closes
 
 def radius_of_city() -> float:
     """The delivery radius of the marketplace (the hard filter's distance)."""
-    from models.simulator import DELIVERY_RADIUS_KM
+    from models.marketplace import DELIVERY_RADIUS_KM
 
     return float(DELIVERY_RADIUS_KM)
 

@@ -433,9 +433,15 @@ def test_the_city_against_the_real_service_reports_outcomes_for_logged_predictio
         city = City(World.load(city_dir, speed=1800, seed=3), served.url, redis="127.0.0.1:6379",
                     outcomes_stream=outcomes, prefix=prefix, out=None, clock=lambda: time.time() + offset)
         city.run(duration_s=12)
-        logged = {orjson.loads(f[b"r"])["request_id"]: orjson.loads(f[b"r"])["endpoint"]
-                  for _, f in client.xrange(served_log_stream)}
         reported = [orjson.loads(f[b"r"]) for _, f in client.xrange(outcomes)]
+        logged: dict[str, str] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the log is written in batches, after the answers: wait for the last
+            logged = {orjson.loads(f[b"r"])["request_id"]: orjson.loads(f[b"r"])["endpoint"]
+                      for _, f in client.xrange(served_log_stream)}
+            if all(r["request_id"] in logged for r in reported):
+                break
+            time.sleep(0.5)
         kinds = {r["kind"] for r in reported}
         assert {"delivery", "feed"} <= kinds, city.stats()
         for record in reported:

@@ -56,15 +56,21 @@ def test_the_launcher_does_not_import_ray_before_applying_the_settings():
 
 
 def test_ray_reads_every_shipped_setting_and_haproxy_binds_replicas_on_all_interfaces():
-    """Each variable of ray_env.yaml is one Ray 2.60 reads (its serve constants), with our value. With
-    HAProxy on, Ray binds the replicas' ports on all interfaces whatever RAY_SERVE_DEFAULT_HTTP_HOST says
-    (constants.py forces it), so HAProxy on another node reaches them: the chart need not set that."""
+    """Each variable of ray_env.yaml is one Ray 2.60 reads (its serve constants), with our value, or one
+    Courier's HAProxy wrapper reads (COURIER_*). With HAProxy on, Ray binds the replicas' ports on all
+    interfaces whatever RAY_SERVE_DEFAULT_HTTP_HOST says (constants.py forces it), so HAProxy on another
+    node reaches them: the chart need not set that."""
     import importlib.util
 
     source = Path(importlib.util.find_spec("ray.serve._private.constants").origin).read_text()
+    wrapper = (PROJECT_ROOT / "serving" / "haproxy_admission.py").read_text()
     shipped = load_ray_env()
     for name in shipped:
-        assert f'"{name}"' in source, f"{name} is not a setting Ray Serve reads"
+        if name.startswith("COURIER_HAPROXY_"):  # QueueLimits.from_env builds these names from its fields
+            field = name.removeprefix("COURIER_HAPROXY_").lower()
+            assert f'("{field}",' in wrapper, f"{name} is not a setting serving/haproxy_admission.py reads"
+        else:
+            assert f'"{name}"' in source, f"{name} is not a setting Ray Serve reads"
     code = ("import json; from ray.serve._private import constants as c; "
             "print(json.dumps([c.DEFAULT_HTTP_HOST, c.RAY_SERVE_HAPROXY_RETRY_ON, c.RAY_SERVE_ENABLE_DIRECT_INGRESS]))")
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", **shipped, "RAY_SERVE_DEFAULT_HTTP_HOST": "127.0.0.1"}

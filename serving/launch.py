@@ -62,15 +62,19 @@ def isolate_haproxy(environ: MutableMapping[str, str] = os.environ) -> None:
     """
     if environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return
+    if environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "").endswith("haproxy_admission.py"):
+        from serving.haproxy_admission import QueueLimits, real_haproxy
+
+        environ.setdefault("COURIER_HAPROXY_BINARY", real_haproxy(environ))  # the wrapper's python3 may lack the wheel
+        try:
+            QueueLimits.from_env(environ)  # here, not in the wrapper: there a bad value only shows as a dead proxy
+        except ValueError as exc:
+            raise SystemExit(f"serving.launch: {exc}") from None
     run_dir = Path(tempfile.mkdtemp(prefix="courier-haproxy-"))
     files = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
              "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
     for key, name in files.items():
         environ.setdefault(key, str(run_dir / name) if name else str(run_dir))
-    if environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "").endswith("haproxy_admission.py"):
-        from serving.haproxy_admission import real_haproxy  # the wheel's binary: the wrapper's python3 may not have it
-
-        environ.setdefault("COURIER_HAPROXY_BINARY", real_haproxy(environ))
     for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
         environ.setdefault(key, str(free_port()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -197,3 +198,17 @@ def test_the_excess_is_refused_by_haproxy_at_once_not_queued(proxied):
 def test_the_wrapper_needs_a_config_argument():
     with pytest.raises(SystemExit, match="-f <config>"):
         haproxy_admission.config_path(["-db"])
+
+
+def test_serve_refuses_to_start_with_a_bad_limit_and_says_which():
+    """A bad limit stops `make serve` with the variable's name, instead of a proxy that dies at start."""
+    from serving.launch import isolate_haproxy
+
+    environ = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": str(WRAPPER),
+               **_env(LIMITS), "COURIER_HAPROXY_QUEUE_TIMEOUT_MS": "soon"}
+    with pytest.raises(SystemExit, match="COURIER_HAPROXY_QUEUE_TIMEOUT_MS='soon'"):
+        isolate_haproxy(environ)
+    environ["COURIER_HAPROXY_QUEUE_TIMEOUT_MS"] = "25"
+    isolate_haproxy(environ)
+    shutil.rmtree(environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])  # the instance's own folder
+    assert Path(environ["COURIER_HAPROXY_BINARY"]).resolve() != WRAPPER.resolve()

@@ -236,6 +236,11 @@ loadtest: setup ## SLO gate: open-loop load at the target rate, then Locust user
 loadtest-ui: setup ## Locust's web UI on :8089 against LOAD_URL (default: `make serve` on PORT)
 	$(PY) -m locust -f loadtest/locustfile.py --host $(or $(LOAD_URL),http://127.0.0.1:$(PORT))
 
+.PHONY: capacity-plan
+capacity-plan: setup ## Cores, replicas and Redis for USERS, RESTAURANTS, PEAK_RPS from the measured costs (MEASURE=1 re-measures)
+	$(if $(MEASURE),$(PY) -m loadtest.capacity_plan measure &&) $(PY) -m loadtest.capacity_plan \
+	  --users $(or $(USERS),1000000) --restaurants $(or $(RESTAURANTS),20000) --peak-rps $(or $(PEAK_RPS),2000)
+
 .PHONY: overload
 overload: setup ## Open-loop /v1/eta at 1x, 2x, 5x the measured capacity: goodput, refusals (table for docs/benchmarks.md)
 	$(PY) -m loadtest.overload $(if $(LOAD_URL),--url $(LOAD_URL))

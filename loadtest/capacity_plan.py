@@ -137,6 +137,7 @@ def plan(demand: Demand, inputs: Inputs) -> dict[str, Any]:
 def report(demand: Demand, inputs: Inputs, result: dict[str, Any]) -> str:
     """The plan as text, assumptions first."""
     per_entity = ", ".join(f"{e} {inputs.bytes_per_entity.get(e, 0):.0f} B" for e in ENTITIES)
+    cache_s, candidates = feed_settings()
     lines = [
         (f"Capacity plan for {demand.users:,} users, {demand.restaurants:,} restaurants, {demand.areas:,} areas, "
         f"{demand.peak_rps:,.0f} req/s at peak ({demand.feed_share:.0%} feeds)"),
@@ -148,7 +149,7 @@ def report(demand: Demand, inputs: Inputs, result: dict[str, Any]) -> str:
         f"  Redis per entity (all its feature views, MEMORY USAGE): {per_entity}",
         (f"  Redis entity reads per request: /v1/eta {inputs.redis_reads_per_eta:g}, "
         f"/v1/feed {inputs.redis_reads_per_feed:g}, plus each Ranker and EtaModel replica re-reading the "
-        f"restaurants it ranks each {feed_settings()[0]:g} s (its feature cache; {feed_settings()[1]} per feed, "
+        f"restaurants it ranks each {cache_s:g} s (its feature cache; {candidates} per feed, "
         "counted as distinct)"),
         (f"  cores used at most {inputs.target_utilization:.0%} at peak; a replica uses at most "
         f"{inputs.cores_per_replica:g} core"),

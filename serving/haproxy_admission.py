@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -79,7 +78,7 @@ def bound_queues(config: str, limits: QueueLimits, refusal_page_path: str) -> st
     backend: str | None = None
     for line in config.splitlines():
         stripped = line.strip()
-        if re.match(r"errorfile 503 ", stripped):
+        if stripped.startswith("errorfile 503 "):
             line = line[: len(line) - len(line.lstrip())] + f"errorfile 503 {refusal_page_path}"
         elif line.startswith("backend "):
             backend = line.split()[1]

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from models.geo import haversine_km
+from models.marketplace import DELIVERY_RADIUS_KM, is_open
 from models.ranker.features import (
     CUISINES,
     TASTE_FEATURES,
@@ -144,9 +146,6 @@ def hard_filter(lat: np.ndarray, lon: np.ndarray, opens_hour: np.ndarray, closes
     Scalars give a bool mask [R]; arrays of M requests give [M, R]. Same rule as the simulator
     (`marketplace.is_open` at the whole hour, great-circle distance).
     """
-    from models.geo import haversine_km
-    from models.marketplace import is_open
-
     user_lat, user_lon, request_time = (np.asarray(v, dtype=np.float64) for v in (user_lat, user_lon, request_time))
     hour = np.floor((request_time % 86400.0) / 3600.0)
     km = haversine_km(user_lat[..., None], user_lon[..., None], lat, lon)
@@ -155,7 +154,5 @@ def hard_filter(lat: np.ndarray, lon: np.ndarray, opens_hour: np.ndarray, closes
 
 def radius_of_city() -> float:
     """The delivery radius of the marketplace (the hard filter's distance)."""
-    from models.marketplace import DELIVERY_RADIUS_KM
-
     return float(DELIVERY_RADIUS_KM)
 

@@ -57,8 +57,9 @@ class QueueLimits:
 
 def refusal_page(retry_after_s: int) -> str:
     """The raw HTTP response HAProxy sends for its own 503 (queue full, queue timeout, no replica up)."""
-    body = ('{"error": "overloaded: the service is at capacity, retry after the Retry-After seconds", '
-            '"field": null, "rule": null}')
+    # the body of the Ingress's own refusal (serving/admission.py): one shape, whoever refuses
+    body = (f'{{"error": "overloaded (proxy queue): retry after {retry_after_s} s, with backoff", '
+            f'"retry_after_s": {retry_after_s}}}')
     return ("HTTP/1.1 503 Service Unavailable\r\n"
             "Content-Type: application/json\r\n"
             f"Retry-After: {retry_after_s}\r\n"

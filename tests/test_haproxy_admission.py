@@ -193,6 +193,7 @@ def test_the_excess_is_refused_by_haproxy_at_once_not_queued(proxied):
     for _, _, headers, body in refused:
         assert headers["retry-after"] == str(LIMITS.retry_after_s)
         assert "overloaded" in json.loads(body)["error"]
+        assert json.loads(body)["retry_after_s"] == LIMITS.retry_after_s  # the Ingress refusal's shape
 
 
 def test_the_wrapper_needs_a_config_argument():
